@@ -1,0 +1,3 @@
+from csi_driver.cli import main
+
+raise SystemExit(main())
