@@ -1,0 +1,130 @@
+"""The `csi-flashcopy` command: `serve` (the CSI driver), `engine` (the node engine process), `demo`.
+
+Every flag can also come from an environment variable (named in its help), which is how the Kubernetes
+manifests pass settings to the containers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from collections.abc import Sequence
+
+from csi_driver import DRIVER_NAME, __version__
+
+DEFAULT_STATE_DIR = "/var/lib/csi-flashcopy"
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--state-dir",
+        default=_env("CSI_FLASHCOPY_STATE_DIR", DEFAULT_STATE_DIR),
+        help="directory holding volume data and metadata (env CSI_FLASHCOPY_STATE_DIR)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=_env("CSI_LOG_FORMAT", "text"),
+        help="log line format (env CSI_LOG_FORMAT)",
+    )
+    p.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default=_env("CSI_LOG_LEVEL", "info"),
+        help="log level (env CSI_LOG_LEVEL)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="csi-flashcopy", description="CSI driver with FlashCopy-style point-in-time copies"
+    )
+    parser.add_argument("--version", action="version", version=f"csi-flashcopy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the CSI driver (Identity, Controller, GroupController, Node)")
+    _add_common(serve)
+    serve.add_argument(
+        "--endpoint",
+        default=_env("CSI_ENDPOINT", "unix:///csi/csi.sock"),
+        help="CSI endpoint, unix:///path/to/csi.sock (env CSI_ENDPOINT)",
+    )
+    serve.add_argument(
+        "--node-id",
+        default=_env("CSI_NODE_ID", _env("NODE_NAME", socket.gethostname())),
+        help="this node's id (env CSI_NODE_ID, else NODE_NAME, else the host name)",
+    )
+    serve.add_argument(
+        "--mode",
+        choices=("all", "controller", "node"),
+        default=_env("CSI_MODE", "all"),
+        help="which CSI services to serve (env CSI_MODE)",
+    )
+    serve.add_argument(
+        "--driver-name",
+        default=_env("CSI_DRIVER_NAME", DRIVER_NAME),
+        help=f"CSI driver name (env CSI_DRIVER_NAME, default {DRIVER_NAME})",
+    )
+    serve.add_argument(
+        "--engine-endpoint",
+        default=_env("CSI_ENGINE_ENDPOINT", ""),
+        help="node engine process endpoint, unix:///path (env CSI_ENGINE_ENDPOINT; "
+        "default unix://<state-dir>/engine.sock, started when none runs)",
+    )
+    serve.add_argument(
+        "--engine",
+        choices=("auto", "embedded", "process"),
+        default=_env("CSI_ENGINE_MODE", "auto"),
+        help="embedded: open the engine in this process; process: use the node engine process; "
+        "auto: process when the node data path is served (env CSI_ENGINE_MODE)",
+    )
+    serve.add_argument(
+        "--max-volumes-per-node",
+        type=int,
+        default=int(_env("CSI_MAX_VOLUMES_PER_NODE", "0")),
+        help="NodeGetInfo max_volumes_per_node, 0 = no limit (env CSI_MAX_VOLUMES_PER_NODE)",
+    )
+    serve.add_argument(
+        "--metrics-address",
+        default=_env("CSI_METRICS_ADDRESS", ""),
+        help="host:port for Prometheus metrics, empty = off (env CSI_METRICS_ADDRESS)",
+    )
+
+    engine = sub.add_parser("engine", help="run the node engine process (volume data, FUSE exports)")
+    _add_common(engine)
+    engine.add_argument(
+        "--endpoint",
+        default=_env("CSI_ENGINE_ENDPOINT", ""),
+        help="engine API endpoint, unix:///path (env CSI_ENGINE_ENDPOINT; default unix://<state-dir>/engine.sock)",
+    )
+
+    demo = sub.add_parser("demo", help="a short engine tour on a local state directory")
+    demo.add_argument("--state-dir", default=_env("CSI_FLASHCOPY_STATE_DIR", "./state"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        from csi_driver.server import run_serve
+
+        return run_serve(args)
+    if args.command == "engine":
+        from csi_driver.datapath.daemon import run_engine
+
+        return run_engine(args)
+    if args.command == "demo":
+        from csi_driver.demo import run_demo
+
+        return run_demo(args.state_dir)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

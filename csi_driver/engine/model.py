@@ -1,0 +1,87 @@
+"""Plain records the engine hands out: snapshots of its state, safe to keep after the call returns."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+GRAIN_SIZES = (64 * KiB, 256 * KiB)
+DEFAULT_GRAIN = 256 * KiB
+DEFAULT_COPY_RATE = 50
+DEFAULT_CLEAN_RATE = 50
+
+
+class MappingState(str, enum.Enum):
+    """FlashCopy mapping states (design/flashcopy.md section 3)."""
+
+    IDLE_OR_COPIED = "idle_or_copied"
+    PREPARING = "preparing"
+    PREPARED = "prepared"
+    COPYING = "copying"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+def rate_to_bytes_per_second(rate: int) -> int:
+    """FlashCopy copy/clean-rate table: 0 = none, 1-10 = 128 KiB/s, each band of 10 doubles, 150 = 2 GiB/s."""
+    if not 0 <= rate <= 150:
+        raise ValueError(f"rate {rate} outside 0-150")
+    if rate == 0:
+        return 0
+    band = (rate + 9) // 10  # ceil(rate / 10)
+    return 128 * KiB * (1 << (band - 1))
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    id: str
+    name: str
+    size: int
+    grain_size: int
+    attrs: dict[str, str] = field(default_factory=dict)
+    created_at: float = 0.0
+    #: bytes the data file actually occupies on disk (thin volumes use less than size)
+    allocated_bytes: int = 0
+    #: "online", or "offline" when its incoming mapping stopped before the copy completed
+    status: str = "online"
+    #: why the volume is offline / degraded, empty when healthy
+    error: str = ""
+    #: id of the mapping whose target this volume is, if any
+    source_mapping_id: str | None = None
+    #: True once deleted by the user while others still read through it
+    deleted: bool = False
+
+
+@dataclass(frozen=True)
+class MappingInfo:
+    id: str
+    name: str
+    source_id: str
+    target_id: str
+    state: MappingState
+    copy_rate: int
+    clean_rate: int
+    grain_size: int
+    #: percentage of the target's grains the target owns (100 = independent of the source)
+    progress: float
+    incremental: bool
+    autodelete: bool
+    group_id: str | None
+    #: wall-clock time of the last start (the point-in-time instant), 0 if never started
+    start_time: float
+    #: why the mapping stopped when it was not asked to (e.g. out of space), else ""
+    error: str = ""
+    #: True when this is a restore (the target was a source of other mappings when started)
+    restore: bool = False
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    id: str
+    name: str
+    state: str
+    mapping_ids: tuple[str, ...]
+    start_time: float = 0.0
