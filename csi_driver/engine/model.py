@@ -14,7 +14,7 @@ DEFAULT_COPY_RATE = 50
 DEFAULT_CLEAN_RATE = 50
 
 
-class MappingState(str, enum.Enum):
+class MappingState(enum.StrEnum):
     """FlashCopy mapping states (design/flashcopy.md section 3)."""
 
     IDLE_OR_COPIED = "idle_or_copied"

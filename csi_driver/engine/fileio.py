@@ -1,0 +1,94 @@
+"""The engine's only door to data files. Tests swap it for a fault-injecting or power-loss-simulating one."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+try:  # os.posix_fallocate cannot punch; use the libc call through ctypes once
+    import ctypes
+    import ctypes.util
+
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    _fallocate = _libc.fallocate
+    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    _fallocate.restype = ctypes.c_int
+except (OSError, AttributeError):  # pragma: no cover - non-Linux
+    _fallocate = None
+
+NOSPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class FileIO:
+    """Positional I/O on data files. Every method is a single syscall (or close to it)."""
+
+    def open(self, path: str, *, create: bool = False) -> int:
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        return os.open(path, flags, 0o600)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def pread(self, fd: int, length: int, offset: int) -> bytes:
+        data = os.pread(fd, length, offset)
+        if len(data) < length:  # past EOF reads as zeros (a size change may not have been durable)
+            data += bytes(length - len(data))
+        return data
+
+    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view = view[n:]
+            offset += n
+
+    def punch(self, fd: int, offset: int, length: int) -> None:
+        if _fallocate is None or length <= 0:
+            self.pwrite(fd, bytes(length), offset)
+            return
+        if _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+            err = ctypes.get_errno()
+            if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+                self.pwrite(fd, bytes(length), offset)
+                return
+            raise OSError(err, os.strerror(err))
+
+    def copy(self, src_fd: int, dst_fd: int, length: int, src_off: int, dst_off: int) -> None:
+        """Copy a range between files in the kernel (copy_file_range), falling back to read+write."""
+        done = 0
+        try:
+            while done < length:
+                n = os.copy_file_range(src_fd, dst_fd, length - done, src_off + done, dst_off + done)
+                if n == 0:  # source shorter than the range: the rest is zeros
+                    self.punch(dst_fd, dst_off + done, length - done)
+                    return
+                done += n
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            self.pwrite(dst_fd, self.pread(src_fd, length - done, src_off + done), dst_off + done)
+
+    def is_hole(self, fd: int, offset: int, length: int) -> bool:
+        """True when [offset, offset+length) holds no data (reads as zeros without reading)."""
+        try:
+            nxt = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after offset
+                return True
+            raise
+        return nxt >= offset + length
+
+    def fdatasync(self, fd: int) -> None:
+        os.fdatasync(fd)
+
+    def truncate(self, fd: int, size: int) -> None:
+        os.ftruncate(fd, size)
+
+    def size(self, fd: int) -> int:
+        return os.fstat(fd).st_size
+
+    def allocated(self, fd: int) -> int:
+        return os.fstat(fd).st_blocks * 512
