@@ -1,0 +1,158 @@
+{{/* Names, labels and the few values every template derives the same way. */}}
+
+{{- define "csi-flashcopy.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Release-scoped base name: "csi-flashcopy" for a release called csi-flashcopy (or csi-flashcopy-*). */}}
+{{- define "csi-flashcopy.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "csi-flashcopy.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Selector labels: stable across upgrades (Deployment/DaemonSet selectors are immutable). */}}
+{{- define "csi-flashcopy.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "csi-flashcopy.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* Common labels; call with (dict "root" $ "component" "node"). helm.sh/chart and managed-by exist only in Helm
+     renders (deploy/kubernetes is generated without them). */}}
+{{- define "csi-flashcopy.labels" -}}
+{{ include "csi-flashcopy.selectorLabels" . }}
+app.kubernetes.io/part-of: csi-flashcopy
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+helm.sh/chart: {{ include "csi-flashcopy.chart" .root }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+{{- end -}}
+
+{{- define "csi-flashcopy.image" -}}
+{{- $tag := .Values.image.tag | default .Chart.AppVersion -}}
+{{- printf "%s:%s" .Values.image.repository $tag -}}
+{{- end -}}
+
+{{- define "csi-flashcopy.sidecarImage" -}}
+{{- printf "%s:%s" .repository .tag -}}
+{{- end -}}
+
+{{- define "csi-flashcopy.nodeServiceAccount" -}}
+{{- printf "%s-node" (include "csi-flashcopy.fullname" .) -}}
+{{- end -}}
+
+{{- define "csi-flashcopy.controllerServiceAccount" -}}
+{{- printf "%s-controller" (include "csi-flashcopy.fullname" .) -}}
+{{- end -}}
+
+{{/* The ServiceAccount whose pods run the controller sidecars in the chosen topology. */}}
+{{- define "csi-flashcopy.sidecarServiceAccount" -}}
+{{- if eq .Values.topology "single-node" -}}
+{{- include "csi-flashcopy.nodeServiceAccount" . -}}
+{{- else -}}
+{{- include "csi-flashcopy.controllerServiceAccount" . -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Host directory of the plugin socket, as the kubelet sees it. */}}
+{{- define "csi-flashcopy.pluginDir" -}}
+{{- printf "%s/plugins/%s" (.Values.kubeletDir | trimSuffix "/") .Values.driverName -}}
+{{- end -}}
+
+{{- define "csi-flashcopy.engineEndpoint" -}}
+{{- printf "unix://%s/engine.sock" (.Values.stateDir | trimSuffix "/") -}}
+{{- end -}}
+
+{{/* Args shared by every csi-flashcopy container. */}}
+{{- define "csi-flashcopy.logArgs" -}}
+- --log-format={{ .Values.logFormat }}
+- --log-level={{ .Values.logLevel }}
+{{- end -}}
+
+{{/* The controller sidecars (provisioner, snapshotter, resizer) as container specs; used by the node DaemonSet in the
+     single-node topology and by the controller Deployment in the multi-node topology. Socket at /csi/csi.sock. */}}
+{{- define "csi-flashcopy.controllerSidecars" -}}
+{{- $sc := .Values.sidecars -}}
+{{- $le := .Values.leaderElection.enabled -}}
+{{- range $name := list "provisioner" "snapshotter" "resizer" }}
+{{- $s := index $sc $name }}
+- name: csi-{{ $name }}
+  image: {{ include "csi-flashcopy.sidecarImage" $s.image }}
+  imagePullPolicy: {{ $s.image.pullPolicy }}
+  args:
+    - --csi-address=/csi/csi.sock
+    - --v={{ $sc.logLevel }}
+    - --timeout={{ $s.timeout }}
+    - --leader-election={{ $le }}
+    - --http-endpoint=:{{ $s.httpPort }}
+    {{- if eq $name "provisioner" }}
+    - --feature-gates=Topology=true
+    - --extra-create-metadata
+    {{- else if eq $name "snapshotter" }}
+    - --feature-gates=CSIVolumeGroupSnapshot=true
+    - --extra-create-metadata
+    {{- end }}
+    {{- range $s.extraArgs }}
+    - {{ . }}
+    {{- end }}
+  ports:
+    - name: {{ $name | trunc 4 }}-http
+      containerPort: {{ $s.httpPort }}
+      protocol: TCP
+  {{- if $le }}
+  livenessProbe:
+    httpGet:
+      path: /healthz/leader-election
+      port: {{ $name | trunc 4 }}-http
+    initialDelaySeconds: 10
+    periodSeconds: 20
+    timeoutSeconds: 10
+    failureThreshold: 1
+  {{- end }}
+  securityContext:
+    allowPrivilegeEscalation: false
+    readOnlyRootFilesystem: true
+    capabilities:
+      drop: ["ALL"]
+  volumeMounts:
+    - name: socket-dir
+      mountPath: /csi
+  {{- with $s.resources }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* livenessprobe sidecar: serves /healthz on healthPort by calling the plugin's Probe. */}}
+{{- define "csi-flashcopy.livenessProbeSidecar" -}}
+{{- $s := .root.Values.sidecars.livenessProbe -}}
+- name: liveness-probe
+  image: {{ include "csi-flashcopy.sidecarImage" $s.image }}
+  imagePullPolicy: {{ $s.image.pullPolicy }}
+  args:
+    - --csi-address=/csi/csi.sock
+    - --http-endpoint=:{{ .port }}
+    - --v={{ .root.Values.sidecars.logLevel }}
+    {{- range $s.extraArgs }}
+    - {{ . }}
+    {{- end }}
+  securityContext:
+    allowPrivilegeEscalation: false
+    readOnlyRootFilesystem: true
+    capabilities:
+      drop: ["ALL"]
+  volumeMounts:
+    - name: socket-dir
+      mountPath: /csi
+  {{- with $s.resources }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end -}}
