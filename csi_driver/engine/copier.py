@@ -100,3 +100,38 @@ def _round(eng: Engine, buckets: dict[str, _Bucket], cursors: dict[str, int]) ->
             if not eng._closed:
                 eng._work.wait(min(wait, max(eng._commit_interval, 0.005)))
     return True
+
+
+def pump(eng: Engine, budget: int | None = None) -> int:
+    """Run background copy and cleaning synchronously, ignoring pacing (rate 0 still means no copy).
+
+    Copies at most `budget` bytes per job when given, else until no work is left. Returns bytes copied.
+    Used by engines opened with background=False (deterministic tests and tools).
+    """
+    total = 0
+    while True:
+        with eng._lock:
+            copy_jobs = eng._copy_jobs()
+            clean_jobs = eng._clean_jobs()
+        moved = 0
+        for m, t in copy_jobs:
+            if t.bits is not None and t.bits.full():
+                with eng._lock:
+                    if eng._maps.get(m.id) is m and t.upstream is not None:
+                        eng._complete(m, t)
+                        eng._commit()
+                moved += 1
+                continue
+            if m.copy_rate == 0:
+                continue
+            done, _ = eng._copy_step(m, t, 0, budget if budget is not None else 1 << 62)
+            moved += done or 1
+            total += done
+        for v, _rate, m in clean_jobs:
+            done, _ = eng._clean_step(v, m, budget if budget is not None else 1 << 62)
+            moved += done or 1
+            total += done
+        with eng._lock:
+            eng._commit()
+        if budget is not None or not moved:
+            return total

@@ -295,6 +295,14 @@ class Engine:
     def _mark_bit(self, key: str, bm: Bitmap, owner: _Vol | _Map) -> None:
         self._bits_dirty[key] = (bm, owner)
 
+    def _commit_data(self) -> None:
+        """Commit only if bits or held writes are waiting; metadata rows wait for the caller's commit."""
+        ch, self._ch = self._ch, Changes()
+        try:
+            self._commit()
+        finally:
+            self._ch = ch
+
     def _commit(self) -> None:
         """Make every in-memory change durable (I4, I5, I6). Caller holds the lock."""
         io = self._io
@@ -307,7 +315,7 @@ class Engine:
         for key, (bm, _owner) in self._bits_dirty.items():
             ch.bitmaps[key] = (bm.n, bytes(bm.bits))
         if ch:
-            self._store.commit(ch)
+            self._io.commit_metadata(self._store, ch)
         self._ch = Changes()
         for v in self._unlink_later:
             self._drop_file(v)
@@ -925,11 +933,12 @@ class Engine:
         """FlashCopy's prepare: flush the sources so the start itself has little left to do.
 
         Called with the lock held once; the lock is dropped while the data is synced so host I/O goes on.
+        The prepared state is not made durable: after a crash a prepared mapping is simply not started.
         """
         for m in ms:
             self._check_startable(m)
             m.state = MappingState.PREPARING
-        self._commit()
+        self._commit_data()
         sources = {self._vols[m.source] for m in ms}
         fds = [os.dup(v.fd) for v in sources if v in self._host_dirty and v.fd >= 0]
         self._host_dirty -= sources
@@ -1272,11 +1281,7 @@ class Engine:
                     self._maps[m.id] = m
                 if group is not None:
                     self._groups[group.id] = group
-                    self._dirty_group(group)
-                for v in new_vols:
-                    self._dirty_vol(v)
-                for m in new_maps:
-                    self._dirty_map(m)
+                # the new rows reach disk in the start's own commit: a crash leaves all of it or none
                 self._start(new_maps, quiesce, group)
             except BaseException:
                 # all or nothing: forget what was made, in memory and (if a commit already wrote it) on disk
@@ -1379,8 +1384,18 @@ class Engine:
             x = x.upstream
         return out
 
+    def run_copies(self, budget: int | None = None) -> int:
+        """Do background copy/cleaning work now, in the caller's thread (see copier.pump)."""
+        from csi_driver.engine.copier import pump
+
+        return pump(self, budget)
+
     def wait_copies(self, timeout: float | None = None) -> bool:
         """Wait until no background copy or cleaning work is left. True if none is left."""
+        if self._copier is None:
+            self.run_copies()
+            with self._lock:
+                return not self._has_work()
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             while self._has_work():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import Any
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -80,6 +81,10 @@ class FileIO:
                 return True
             raise
         return nxt >= offset + length
+
+    def commit_metadata(self, store: Any, changes: Any) -> None:
+        """One metadata transaction (routed here so tests can crash the engine at this point too)."""
+        store.commit(changes)
 
     def fdatasync(self, fd: int) -> None:
         os.fdatasync(fd)
