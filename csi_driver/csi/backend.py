@@ -1,0 +1,239 @@
+"""The narrow interface between the CSI servicers and the FlashCopy engine, in storage terms.
+
+`Backend` lists only what the services need. `EmbeddedBackend` implements it over an Engine opened in this
+process. The node data path issue adds a second implementation that talks to the node engine process over
+proto/engine.proto; the servicers only ever see `Backend`, so they do not change.
+
+Contract for every implementation:
+- errors are csi_driver.engine.errors classes (NotFound, AlreadyExists, OutOfRange, NoSpace, ...), which
+  csi_driver.csi.errors maps to gRPC codes; a remote implementation translates its transport errors back;
+- records are immutable snapshots of state, safe to keep after the call;
+- attrs are opaque string maps stored verbatim with a volume and survive restarts (the CSI layer keeps its
+  bookkeeping there: the engine is the only state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from csi_driver.engine import errors
+from csi_driver.engine.model import MappingState, VolumeInfo
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A visible volume. Snapshots are volumes too (the CSI layer tells them apart by attrs)."""
+
+    id: str
+    name: str
+    size: int
+    grain_size: int
+    attrs: Mapping[str, str] = field(default_factory=dict)
+    #: creation instant; for a point-in-time copy, the instant its content was frozen
+    created_at: float = 0.0
+    #: "" when healthy, else why its data (or the copy it reads through) is unusable
+    condition: str = ""
+    #: volume this one still reads through (snapshot/clone source), None once independent
+    source_id: str | None = None
+    #: percent of its grains it owns (100 = independent of its source)
+    copy_progress: float = 100.0
+    allocated_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class SnapshotItem:
+    """One member of a group snapshot request."""
+
+    source_id: str
+    name: str
+    attrs: Mapping[str, str]
+    volume_id: str | None = None
+
+
+@runtime_checkable
+class Backend(Protocol):
+    def is_ready(self) -> bool:
+        """True while the engine answers (Probe)."""
+
+    def close(self) -> None:
+        """Flush and release the engine (or the connection to it)."""
+
+    def capacity(self) -> tuple[int, int]:
+        """(total_bytes, free_bytes) of the storage holding the volumes."""
+
+    def create_volume(self, name: str, size: int, *, grain_size: int, attrs: Mapping[str, str],
+                      volume_id: str | None = None) -> Volume:
+        """An empty (zero-filled, thin) volume; size is rounded up to the grain size."""
+
+    def get_volume(self, volume_id: str) -> Volume:
+        """NotFound when unknown or deleted."""
+
+    def find_volume(self, name: str) -> Volume | None: ...
+
+    def list_volumes(self) -> list[Volume]:
+        """Visible volumes in creation order."""
+
+    def delete_volume(self, volume_id: str) -> None:
+        """Succeeds at once even while others read through it (storage reclaimed later). NotFound if unknown."""
+
+    def resize_volume(self, volume_id: str, new_size: int) -> Volume:
+        """Grow only (OutOfRange when smaller)."""
+
+    def snapshot(self, source_id: str, name: str, *, copy_rate: int, attrs: Mapping[str, str],
+                 volume_id: str | None = None) -> Volume:
+        """A point-in-time copy of source, usable at once (copy_rate 0: no background copy)."""
+
+    def clone(self, source_id: str, name: str, *, size: int, copy_rate: int, clean_rate: int,
+              attrs: Mapping[str, str], volume_id: str | None = None) -> Volume:
+        """A new writable volume with source's current data, usable at once; size >= source size."""
+
+    def snapshot_group(self, group_name: str, items: Sequence[SnapshotItem], *, copy_rate: int) -> list[Volume]:
+        """Point-in-time copies of several volumes at one instant (consistency group); all or none."""
+
+    def delete_group(self, group_name: str) -> None:
+        """Forget the consistency group (its member volumes are deleted separately). NotFound if unknown."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class EmbeddedBackend:
+    """Backend over an Engine in this process (`serve --engine embedded`)."""
+
+    #: how far up a cascade of copies we look for a broken ancestor
+    MAX_CHAIN = 64
+
+    def __init__(self, engine: object) -> None:
+        from csi_driver.engine import Engine
+
+        assert isinstance(engine, Engine)
+        self.engine: Engine = engine
+        self._closed = False
+
+    @classmethod
+    def open(cls, state_dir: str) -> EmbeddedBackend:
+        from csi_driver.engine import Engine
+
+        return cls(Engine.open(state_dir))
+
+    # -- records
+
+    def _record(self, info: VolumeInfo) -> Volume:
+        condition = self._condition(info)
+        source_id = None
+        progress = 100.0
+        if info.source_mapping_id:
+            try:
+                m = self.engine.get_mapping(info.source_mapping_id)
+            except errors.NotFound:
+                m = None
+            if m is not None and m.state != MappingState.IDLE_OR_COPIED:
+                source_id, progress = m.source_id, m.progress
+        return Volume(
+            id=info.id, name=info.name, size=info.size, grain_size=info.grain_size, attrs=dict(info.attrs),
+            created_at=info.created_at, condition=condition, source_id=source_id, copy_progress=progress,
+            allocated_bytes=info.allocated_bytes,
+        )
+
+    def _condition(self, info: VolumeInfo) -> str:
+        """Abnormal when this volume, or any volume whose data it still reads through, is broken."""
+        seen: set[str] = set()
+        current: VolumeInfo | None = info
+        depth = 0
+        while current is not None and depth < self.MAX_CHAIN and current.id not in seen:
+            seen.add(current.id)
+            if current.status != "online" or current.error:
+                why = current.error or current.status
+                return why if current.id == info.id else f"source {current.id} of this copy is broken: {why}"
+            if not current.source_mapping_id:
+                return ""
+            try:
+                m = self.engine.get_mapping(current.source_mapping_id)
+                if m.error:
+                    return f"copy mapping {m.id} failed: {m.error}"
+                if m.state == MappingState.IDLE_OR_COPIED:
+                    return ""  # fully copied: independent of anything upstream
+                if m.state == MappingState.STOPPED:
+                    return f"copy mapping {m.id} stopped before completing"
+                current = self.engine.get_volume(m.source_id)
+            except errors.NotFound:
+                return ""  # upstream hidden/reclaimed: the engine keeps what we read through
+            depth += 1
+        return ""
+
+    # -- Backend
+
+    def is_ready(self) -> bool:
+        return not self._closed
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.engine.flush()
+        finally:
+            self.engine.close()
+
+    def capacity(self) -> tuple[int, int]:
+        return self.engine.capacity()
+
+    def create_volume(self, name: str, size: int, *, grain_size: int, attrs: Mapping[str, str],
+                      volume_id: str | None = None) -> Volume:
+        info = self.engine.create_volume(name, size, grain_size=grain_size, attrs=dict(attrs), volume_id=volume_id)
+        return self._record(info)
+
+    def get_volume(self, volume_id: str) -> Volume:
+        return self._record(self.engine.get_volume(volume_id))
+
+    def find_volume(self, name: str) -> Volume | None:
+        info = self.engine.find_volume(name)
+        return self._record(info) if info is not None else None
+
+    def list_volumes(self) -> list[Volume]:
+        return [self._record(i) for i in self.engine.list_volumes()]
+
+    def delete_volume(self, volume_id: str) -> None:
+        self.engine.delete_volume(volume_id)
+
+    def resize_volume(self, volume_id: str, new_size: int) -> Volume:
+        return self._record(self.engine.resize_volume(volume_id, new_size))
+
+    def snapshot(self, source_id: str, name: str, *, copy_rate: int, attrs: Mapping[str, str],
+                 volume_id: str | None = None) -> Volume:
+        info, _ = self.engine.snapshot(source_id, name, copy_rate=copy_rate, attrs=dict(attrs), volume_id=volume_id)
+        return self._record(info)
+
+    def clone(self, source_id: str, name: str, *, size: int, copy_rate: int, clean_rate: int,
+              attrs: Mapping[str, str], volume_id: str | None = None) -> Volume:
+        info, _ = self.engine.clone(source_id, name, size=size, copy_rate=copy_rate, clean_rate=clean_rate,
+                                    attrs=dict(attrs), volume_id=volume_id)
+        return self._record(info)
+
+    def snapshot_group(self, group_name: str, items: Sequence[SnapshotItem], *, copy_rate: int) -> list[Volume]:
+        _, pairs = self.engine.snapshot_group(
+            [(it.source_id, it.name, dict(it.attrs), it.volume_id) for it in items],
+            group_name=group_name, copy_rate=copy_rate,
+        )
+        return [self._record(info) for info, _ in pairs]
+
+    def delete_group(self, group_name: str) -> None:
+        for g in self.engine.list_groups():
+            if g.name == group_name:
+                self.engine.delete_group(g.id)
+                return
+        raise errors.NotFound(f"group {group_name!r} not found")
+
+
+def make_backend(args: object) -> Backend:
+    """Choose the Backend from `serve` arguments: the seam the node data path issue extends.
+
+    Today every mode opens the engine embedded on --state-dir. `--engine process` (and `auto` once the node
+    data path is served) will return a client of the node engine process at --engine-endpoint instead.
+    """
+    mode = getattr(args, "engine", "auto")
+    if mode == "process":
+        raise SystemExit("--engine process: the node engine process is not available in this build")
+    return EmbeddedBackend.open(args.state_dir)

@@ -1,0 +1,84 @@
+"""StorageClass / VolumeSnapshotClass / VolumeGroupSnapshotClass parameters.
+
+Parsed into effective values (defaults filled in), which is also what idempotency compares: a retry that
+spells a default out explicitly is the same request. Keys under csi.storage.k8s.io/ are added by the
+sidecars (e.g. --extra-create-metadata's pvc/name) and are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from csi_driver.csi.errors import invalid
+from csi_driver.engine.model import DEFAULT_CLEAN_RATE, DEFAULT_COPY_RATE, DEFAULT_GRAIN, KiB
+
+SIDECAR_PREFIX = "csi.storage.k8s.io/"
+GRAIN_SPELLINGS = {
+    "64Ki": 64 * KiB, "64KiB": 64 * KiB, str(64 * KiB): 64 * KiB,
+    "256Ki": 256 * KiB, "256KiB": 256 * KiB, str(256 * KiB): 256 * KiB,
+}
+
+
+@dataclass(frozen=True)
+class VolumeParams:
+    grain_size: int = DEFAULT_GRAIN
+    copy_rate: int = DEFAULT_COPY_RATE  # how fast a clone/restored volume becomes independent of its source
+    clean_rate: int = DEFAULT_CLEAN_RATE
+
+    def canonical(self) -> str:
+        return json.dumps(
+            {"grainSize": self.grain_size, "copyRate": self.copy_rate, "cleanRate": self.clean_rate},
+            sort_keys=True,
+        )
+
+    def context(self) -> dict[str, str]:
+        """volume_context handed to the node at stage/publish time (informational)."""
+        return {"grainSize": str(self.grain_size), "copyRate": str(self.copy_rate),
+                "cleanRate": str(self.clean_rate)}
+
+
+@dataclass(frozen=True)
+class SnapshotParams:
+    copy_rate: int = 0  # 0 = no-copy snapshot; > 0 = full independent copy in the background
+
+    def canonical(self) -> str:
+        return json.dumps({"copyRate": self.copy_rate}, sort_keys=True)
+
+
+def _own(params: Mapping[str, str], field: str, allowed: tuple[str, ...]) -> dict[str, str]:
+    own = {k: v for k, v in params.items() if not k.startswith(SIDECAR_PREFIX)}
+    for key in own:
+        if key not in allowed:
+            raise invalid(f"{field}[{key}]", f"unknown parameter (supported: {', '.join(allowed)})")
+    return own
+
+
+def _rate(field: str, key: str, value: str) -> int:
+    try:
+        rate = int(value.strip(), 10)
+    except ValueError:
+        raise invalid(f"{field}[{key}]", f"must be an integer 0-150, got {value!r}") from None
+    if not 0 <= rate <= 150:
+        raise invalid(f"{field}[{key}]", f"must be 0-150, got {rate}")
+    return rate
+
+
+def parse_volume_params(params: Mapping[str, str], field: str = "parameters") -> VolumeParams:
+    own = _own(params, field, ("grainSize", "copyRate", "cleanRate"))
+    grain = DEFAULT_GRAIN
+    if "grainSize" in own:
+        grain_text = own["grainSize"].strip()
+        if grain_text not in GRAIN_SPELLINGS:
+            raise invalid(f"{field}[grainSize]", f"must be 64Ki or 256Ki, got {own['grainSize']!r}")
+        grain = GRAIN_SPELLINGS[grain_text]
+    copy_rate = _rate(field, "copyRate", own["copyRate"]) if "copyRate" in own else DEFAULT_COPY_RATE
+    clean_rate = _rate(field, "cleanRate", own["cleanRate"]) if "cleanRate" in own else DEFAULT_CLEAN_RATE
+    return VolumeParams(grain_size=grain, copy_rate=copy_rate, clean_rate=clean_rate)
+
+
+def parse_snapshot_params(params: Mapping[str, str], field: str = "parameters") -> SnapshotParams:
+    own = _own(params, field, ("copyRate",))
+    copy_rate = _rate(field, "copyRate", own["copyRate"]) if "copyRate" in own else 0
+    return SnapshotParams(copy_rate=copy_rate)

@@ -1,0 +1,152 @@
+"""One server interceptor does the cross-cutting work for every unary RPC.
+
+- maps any exception to a gRPC status through csi_driver.csi.errors.to_status (INTERNAL + traceback for
+  the unexpected ones), so servicer bodies hold business logic only;
+- writes exactly one log line per RPC: method, the request's ids, gRPC code, duration (and the error
+  message when not OK). Only named id fields are logged, never the request itself, so secrets cannot leak;
+  at debug level the request is also logged with every csi_secret field blanked;
+- counts calls and durations per (method, code) for the optional metrics endpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+
+from csi_driver.csi.errors import to_status
+from csi_driver.csi.logs import short_text
+
+log = logging.getLogger("csi_flashcopy.rpc")
+
+# Request fields worth a log column (all plain ids or names; secrets are never among them).
+ID_FIELDS = ("name", "volume_id", "snapshot_id", "source_volume_id", "group_snapshot_id", "node_id",
+             "starting_token")
+# The liveness probe calls Probe every few seconds: its successes are logged at debug level only.
+QUIET_METHODS = frozenset({"Probe"})
+
+
+def request_ids(request: Message) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    fields = request.DESCRIPTOR.fields_by_name
+    for name in ID_FIELDS:
+        if name in fields:
+            value = getattr(request, name)
+            if value:
+                out[name] = value
+    if "volume_content_source" in fields and request.HasField("volume_content_source"):
+        src = request.volume_content_source
+        kind = src.WhichOneof("type")
+        if kind == "snapshot":
+            out["source_snapshot_id"] = src.snapshot.snapshot_id
+        elif kind == "volume":
+            out["source_volume_id"] = src.volume.volume_id
+    for name in ("source_volume_ids", "snapshot_ids"):
+        if name in fields:
+            values = list(getattr(request, name))
+            if values:
+                out[name] = ",".join(values[:32]) + (",..." if len(values) > 32 else "")
+    return out
+
+
+def response_ids(response: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if not isinstance(response, Message):
+        return out
+    fields = response.DESCRIPTOR.fields_by_name
+    if "volume" in fields and response.HasField("volume"):
+        out["result_volume_id"] = response.volume.volume_id
+    if "snapshot" in fields and response.HasField("snapshot"):
+        out["result_snapshot_id"] = response.snapshot.snapshot_id
+    if "group_snapshot" in fields and response.HasField("group_snapshot"):
+        out["result_group_snapshot_id"] = response.group_snapshot.group_snapshot_id
+    if "entries" in fields:
+        out["entries"] = len(response.entries)
+        if response.next_token:
+            out["next_token"] = response.next_token
+    return out
+
+
+class Metrics:
+    """Per (method, code) call counts and duration sums, rendered in the Prometheus text format."""
+
+    def __init__(self) -> None:
+        self._mu = threading.Lock()
+        self._calls: dict[tuple[str, str], list[float]] = {}
+
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        with self._mu:
+            entry = self._calls.setdefault((method, code), [0, 0.0])
+            entry[0] += 1
+            entry[1] += seconds
+
+    def render(self) -> str:
+        with self._mu:
+            items = sorted(self._calls.items())
+        lines = ["# HELP csi_flashcopy_rpc_total CSI calls by method and gRPC code.",
+                 "# TYPE csi_flashcopy_rpc_total counter"]
+        lines += [f'csi_flashcopy_rpc_total{{method="{m}",code="{c}"}} {int(n)}' for (m, c), (n, _) in items]
+        lines += ["# HELP csi_flashcopy_rpc_seconds_total Time spent in CSI calls.",
+                  "# TYPE csi_flashcopy_rpc_seconds_total counter"]
+        lines += [f'csi_flashcopy_rpc_seconds_total{{method="{m}",code="{c}"}} {s:.6f}' for (m, c), (_, s) in items]
+        return "\n".join(lines) + "\n"
+
+
+class RpcInterceptor(grpc.ServerInterceptor):
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics
+
+    def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        full = handler_call_details.method  # "/csi.v1.Controller/CreateVolume"
+        method = full.rsplit("/", 1)[-1]
+        inner = handler.unary_unary
+        return grpc.unary_unary_rpc_method_handler(
+            self._wrap(method, full, inner),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap(self, method: str, full: str, inner: Callable[[Any, grpc.ServicerContext], Any]
+              ) -> Callable[[Any, grpc.ServicerContext], Any]:
+        def call(request: Any, context: grpc.ServicerContext) -> Any:
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            message = ""
+            response = None
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("request", extra={"fields": {"method": method, "request": short_text(request)}})
+            try:
+                response = inner(request, context)
+                return response
+            except Exception as exc:
+                code, message, unexpected = to_status(exc)
+                if unexpected:
+                    log.error("unexpected error", exc_info=True,
+                              extra={"fields": {"method": method, **request_ids(request)}})
+                context.abort(code, message)
+            finally:
+                elapsed = time.perf_counter() - start
+                if self.metrics is not None:
+                    self.metrics.observe(method, code.name, elapsed)
+                fields: dict[str, Any] = {"method": method, **request_ids(request), "code": code.name,
+                                          "duration_ms": round(elapsed * 1000, 3)}
+                if code == grpc.StatusCode.OK:
+                    fields.update(response_ids(response))
+                else:
+                    fields["error"] = message
+                level = logging.DEBUG if method in QUIET_METHODS and code == grpc.StatusCode.OK else logging.INFO
+                log.log(level, "rpc", extra={"fields": fields})
+
+        call.__name__ = f"rpc_{method}"
+        return call
