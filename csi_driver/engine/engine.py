@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 MAX_NAME = 256
 PENDING_LIMIT = 64 * 1024 * 1024  # held source writes (bytes) before a commit is forced
+METADATA_RESERVE = 4 * 1024 * 1024  # disk space held back so metadata commits work on a full filesystem
 Quiesce = Callable[[list[str]], AbstractContextManager[Any]]
 
 
@@ -182,6 +183,7 @@ class Engine:
         try:
             self._store = Store(os.path.join(self.state_dir, "meta.db"))
             self._load()
+            self._ensure_reserve()
         except BaseException:
             os.close(self._lockfd)
             raise
@@ -315,7 +317,13 @@ class Engine:
         for key, (bm, _owner) in self._bits_dirty.items():
             ch.bitmaps[key] = (bm.n, bytes(bm.bits))
         if ch:
-            self._io.commit_metadata(self._store, ch)
+            try:
+                self._io.commit_metadata(self._store, ch)
+            except OSError as e:
+                # the space kept for metadata is given up so that state changes (a stopped mapping) still land
+                if e.errno not in NOSPACE_ERRNOS or not self._release_reserve():
+                    raise
+                self._io.commit_metadata(self._store, ch)
         self._ch = Changes()
         for v in self._unlink_later:
             self._drop_file(v)
@@ -332,6 +340,31 @@ class Engine:
             self._host_dirty.add(v)
         self._pending_bytes = 0
         self._last_commit = time.monotonic()
+
+    def _reserve_path(self) -> str:
+        return os.path.join(self.state_dir, "metadata.reserve")
+
+    def _ensure_reserve(self) -> None:
+        """Keep METADATA_RESERVE bytes allocated for metadata, freed when the filesystem fills up."""
+        path = self._reserve_path()
+        with contextlib.suppress(OSError):
+            if os.path.exists(path) and os.stat(path).st_blocks * 512 >= METADATA_RESERVE:
+                return
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, METADATA_RESERVE)
+            except OSError:
+                os.ftruncate(fd, 0)
+            finally:
+                os.close(fd)
+
+    def _release_reserve(self) -> bool:
+        path = self._reserve_path()
+        if not os.path.exists(path) or os.stat(path).st_size == 0:
+            return False
+        log.warning("state dir %s is full: releasing the metadata reserve", self.state_dir)
+        os.truncate(path, 0)
+        return True
 
     def _maybe_commit(self) -> None:
         if self._pending_bytes >= PENDING_LIMIT:
@@ -703,6 +736,7 @@ class Engine:
             self._dirty_vol(v)
             self._reap()
             self._commit()
+            self._ensure_reserve()  # space may have come back
             self._work.notify_all()
 
     def _forget_mapping(self, m: _Map) -> None:

@@ -6,6 +6,7 @@ state before or the state after it, never a mix.
 
 from __future__ import annotations
 
+import errno
 import json
 import sqlite3
 from collections.abc import Iterable
@@ -101,8 +102,11 @@ class Store:
             if ch.del_bitmaps:
                 db.executemany("DELETE FROM bitmaps WHERE key=?", [(k,) for k in ch.del_bitmaps])
             db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
+        except BaseException as e:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            if isinstance(e, sqlite3.OperationalError) and "full" in str(e):
+                raise OSError(errno.ENOSPC, f"metadata: {e}") from e
             raise
 
     def close(self) -> None:
