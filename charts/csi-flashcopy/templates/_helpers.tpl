@@ -94,6 +94,8 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
     {{- if eq $name "provisioner" }}
     - --feature-gates=Topology=true
     - --extra-create-metadata
+    # Volumes are node-local: ask for the selected node only, not every node with the same topology keys.
+    - --strict-topology
     {{- else if eq $name "snapshotter" }}
     - --feature-gates=CSIVolumeGroupSnapshot=true
     - --extra-create-metadata
