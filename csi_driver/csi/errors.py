@@ -7,6 +7,8 @@ first), so a new engine subclass lands on its parent's code instead of falling t
 
 from __future__ import annotations
 
+import errno
+
 import grpc
 
 from csi_driver.engine import errors as engine_errors
@@ -73,6 +75,10 @@ def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str, bool]:
     for cls, code in ENGINE_CODES:
         if isinstance(exc, cls):
             return code, str(exc) or cls.__name__, False
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"no space left: {exc.strerror}", False
+    if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
+        return grpc.StatusCode.OUT_OF_RANGE, "larger than the state directory's filesystem allows", False
     if isinstance(exc, NotImplementedError):
         return grpc.StatusCode.UNIMPLEMENTED, str(exc) or "not implemented", False
     if isinstance(exc, engine_errors.EngineError):

@@ -92,11 +92,16 @@ def _strip(msg: Message) -> None:
             else:
                 msg.ClearField(fd.name)
         elif fd.message_type is not None and not fd.message_type.GetOptions().map_entry:
-            if fd.label == FieldDescriptor.LABEL_REPEATED:
+            if _repeated(fd):
                 for item in value:
                     _strip(item)
             else:
                 _strip(value)
+
+
+def _repeated(fd: FieldDescriptor) -> bool:
+    flag = getattr(fd, "is_repeated", None)  # protobuf >= 5.x; `label` is gone in newer runtimes
+    return bool(flag) if flag is not None else fd.label == FieldDescriptor.LABEL_REPEATED
 
 
 def short_text(msg: Message) -> str:

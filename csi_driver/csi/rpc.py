@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from csi_driver.csi.errors import to_status
+from csi_driver.csi.errors import invalid, to_status
 from csi_driver.csi.logs import short_text
 
 log = logging.getLogger("csi_flashcopy.rpc")
@@ -72,6 +72,18 @@ def response_ids(response: Any) -> dict[str, Any]:
     return out
 
 
+def _ids(request: Any, extract: Callable[[Message], dict[str, Any]]) -> dict[str, Any]:
+    return extract(request) if isinstance(request, Message) else {}
+
+
+def _debug_request(method: str, request: Message) -> None:
+    try:
+        text = short_text(request)  # csi_secret fields blanked
+    except Exception as exc:  # a logging aid must never fail the call
+        text = f"<unprintable: {exc}>"
+    log.debug("request", extra={"fields": {"method": method, "request": text}})
+
+
 class Metrics:
     """Per (method, code) call counts and duration sums, rendered in the Prometheus text format."""
 
@@ -110,36 +122,42 @@ class RpcInterceptor(grpc.ServerInterceptor):
             return handler
         full = handler_call_details.method  # "/csi.v1.Controller/CreateVolume"
         method = full.rsplit("/", 1)[-1]
-        inner = handler.unary_unary
+        # The request is decoded here rather than by gRPC, so undecodable bytes are INVALID_ARGUMENT
+        # (gRPC's own deserializer failure would be reported as INTERNAL).
         return grpc.unary_unary_rpc_method_handler(
-            self._wrap(method, full, inner),
-            request_deserializer=handler.request_deserializer,
+            self._wrap(method, handler.unary_unary, handler.request_deserializer),
+            request_deserializer=None,
             response_serializer=handler.response_serializer,
         )
 
-    def _wrap(self, method: str, full: str, inner: Callable[[Any, grpc.ServicerContext], Any]
-              ) -> Callable[[Any, grpc.ServicerContext], Any]:
-        def call(request: Any, context: grpc.ServicerContext) -> Any:
+    def _wrap(self, method: str, inner: Callable[[Any, grpc.ServicerContext], Any],
+              deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes, grpc.ServicerContext], Any]:
+        def call(raw: bytes, context: grpc.ServicerContext) -> Any:
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             message = ""
             response = None
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("request", extra={"fields": {"method": method, "request": short_text(request)}})
+            request: Any = None
             try:
+                try:
+                    request = deserialize(raw) if deserialize is not None else raw
+                except Exception as exc:
+                    raise invalid("request", f"cannot decode {method} request: {exc}") from None
+                if log.isEnabledFor(logging.DEBUG):
+                    _debug_request(method, request)
                 response = inner(request, context)
                 return response
             except Exception as exc:
                 code, message, unexpected = to_status(exc)
                 if unexpected:
                     log.error("unexpected error", exc_info=True,
-                              extra={"fields": {"method": method, **request_ids(request)}})
+                              extra={"fields": {"method": method, **_ids(request, request_ids)}})
                 context.abort(code, message)
             finally:
                 elapsed = time.perf_counter() - start
                 if self.metrics is not None:
                     self.metrics.observe(method, code.name, elapsed)
-                fields: dict[str, Any] = {"method": method, **request_ids(request), "code": code.name,
+                fields: dict[str, Any] = {"method": method, **_ids(request, request_ids), "code": code.name,
                                           "duration_ms": round(elapsed * 1000, 3)}
                 if code == grpc.StatusCode.OK:
                     fields.update(response_ids(response))
