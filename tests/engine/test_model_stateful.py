@@ -125,7 +125,7 @@ class EngineMachine(RuleBasedStateMachine):
     def stop(self, data: st.DataObject, force: bool) -> None:
         m = data.draw(st.sampled_from(self.eng.list_mappings()))
         info = self.eng.stop_mapping(m.id, force=force)
-        if info.state == MappingState.STOPPED:
+        if info.state in (MappingState.STOPPED, MappingState.STOPPING):
             self.model.offline.add(m.target_id)
         for v in self.eng.list_volumes():  # a forced stop also stops targets that depended on it
             if v.status == "offline" and v.id in self.model.data:
