@@ -173,6 +173,8 @@ class Engine:
         self._last_commit = time.monotonic()
         self._unlink_later: list[_Vol] = []
         self.last_start_hold = 0.0
+        # grain buffers for held writes, reused: a fresh 256 KiB allocation costs page faults on every write
+        self._pool: dict[int, list[bytearray]] = {}
         os.makedirs(self.data_dir, exist_ok=True)
         self._lockfd = os.open(os.path.join(self.state_dir, "engine.lock"), os.O_RDWR | os.O_CREAT, 0o600)
         import fcntl
@@ -337,8 +339,11 @@ class Engine:
         # I5: writes held back behind those bits may now reach the disk
         for v in [v for v in self._vols.values() if v.pending]:
             fd = self._fd(v)
+            pool = self._pool.setdefault(v.grain, [])
             for g, img in sorted(v.pending.items()):
                 self._store_grain(v, g, img, fd=fd, track=False)
+                if len(img) == v.grain and len(pool) * v.grain < PENDING_LIMIT:
+                    pool.append(img)
             v.pending.clear()
             self._host_dirty.add(v)
         self._pending_bytes = 0
@@ -458,10 +463,12 @@ class Engine:
                 self._io.pwrite(self._fd(v), piece, g * grain + goff)
                 self._host_dirty.add(v)
             else:
+                pool = self._pool.get(grain)
+                img = pool.pop() if pool and glen == grain else bytearray(glen)
                 if goff == 0 and len(piece) == glen:
-                    img = bytearray(piece)
+                    img[:] = piece
                 else:
-                    img = bytearray(view())
+                    img[:] = view()
                     img[goff:goff + len(piece)] = piece
                 v.pending[g] = img
                 self._pending_bytes += len(img)
