@@ -1,0 +1,102 @@
+"""csi-sanity (the CSI conformance suite, kubernetes-csi/csi-test) against a real `serve --mode all`.
+
+The binary is a test peer beside the checkout: ../shared/peers/csi-sanity (see shared/peers/README.md).
+Goal: 0 failures in the Identity, Controller, snapshot and GroupController groups.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from tests.csi.conftest import REPO, CsiServer
+
+SANITY = REPO.parent / "shared" / "peers" / "csi-sanity"
+
+# The Node group needs NodeStage/NodePublish, which arrive with the node data path issue.
+# Delete this entry (and so the --ginkgo.skip) once they are implemented.
+SKIPPED_GROUPS = {"Node": r"Node Service"}
+
+CHECKED_GROUPS = ("Identity", "Controller", "snapshot", "GroupController")
+
+
+def group_of(name: str) -> str:
+    if "Identity Service" in name:
+        return "Identity"
+    if "GroupController" in name:
+        return "GroupController"
+    if "Node Service" in name:
+        return "Node"
+    if re.search(r"Snapshots? \[Controller Server\]", name):
+        return "snapshot"
+    if "[Controller Server]" in name:
+        return "Controller"
+    return "other"
+
+
+def parse_junit(path: Path) -> dict[str, dict[str, list[str]]]:
+    """{group: {"passed"|"failed"|"skipped": [spec names]}}"""
+    out: dict[str, dict[str, list[str]]] = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        name = case.get("name", "")
+        if case.find("failure") is not None or case.find("error") is not None:
+            status = "failed"
+        elif case.find("skipped") is not None or case.get("status") in ("skipped", "pending", "disabled"):
+            status = "skipped"
+        else:
+            status = "passed"
+        out.setdefault(group_of(name), {"passed": [], "failed": [], "skipped": []})[status].append(name)
+    return out
+
+
+def run_sanity(srv: CsiServer, work: Path, *extra: str) -> dict[str, dict[str, list[str]]]:
+    report = work / "junit.xml"
+    argv = [
+        str(SANITY),
+        f"--csi.endpoint={srv.endpoint}",
+        f"--csi.stagingdir={work / 'staging'}",  # csi-sanity creates (and removes) these itself
+        f"--csi.mountdir={work / 'mount'}",
+        f"--ginkgo.junit-report={report}",
+        "--ginkgo.no-color",
+        "--ginkgo.timeout=15m",
+        *extra,
+    ]
+    if SKIPPED_GROUPS:
+        argv.append("--ginkgo.skip=" + "|".join(SKIPPED_GROUPS.values()))
+    proc = subprocess.run(argv, cwd=work, capture_output=True, text=True, timeout=1200, check=False)
+    (work / "sanity.out").write_text(proc.stdout + proc.stderr)
+    assert report.exists(), f"csi-sanity wrote no report (exit {proc.returncode}):\n{proc.stdout[-4000:]}"
+    return parse_junit(report)
+
+
+def summary(result: dict[str, dict[str, list[str]]]) -> dict[str, dict[str, int]]:
+    return {g: {k: len(v) for k, v in r.items()} for g, r in sorted(result.items())}
+
+
+@pytest.mark.skipif(not SANITY.exists(), reason=f"csi-sanity test peer not found at {SANITY}")
+@pytest.mark.parametrize("variant", ["defaults", "parameters"])
+def test_csi_sanity(server_factory, tmp_path: Path, variant: str) -> None:
+    extra: list[str] = []
+    if variant == "parameters":
+        # the same suite with a StorageClass / VolumeSnapshotClass of our own parameters
+        (tmp_path / "vol.yaml").write_text("grainSize: 64Ki\ncopyRate: \"0\"\ncleanRate: \"20\"\n")
+        (tmp_path / "snap.yaml").write_text("copyRate: \"10\"\n")
+        extra = [f"--csi.testvolumeparameters={tmp_path / 'vol.yaml'}",
+                 f"--csi.testsnapshotparameters={tmp_path / 'snap.yaml'}",
+                 "--csi.testvolumeaccesstype=block"]
+    srv = server_factory(f"sanity-{variant}").start()
+    result = run_sanity(srv, tmp_path, *extra)
+    counts = summary(result)
+    print(f"csi-sanity ({variant}): " + json.dumps(counts))
+    (tmp_path / "counts.json").write_text(json.dumps(counts, indent=1))
+    failed = {g: r["failed"] for g, r in result.items() if r["failed"]}
+    assert not failed, f"csi-sanity failures: {json.dumps(failed, indent=1)}\n{srv.log()[-3000:]}"
+    for group in CHECKED_GROUPS:
+        assert counts.get(group, {}).get("passed", 0) > 0, f"no {group} spec ran: {counts}"
+    for group in SKIPPED_GROUPS:
+        assert counts.get(group, {}).get("passed", 0) == 0
