@@ -697,7 +697,13 @@ class Engine:
 
     def list_volumes(self) -> list[VolumeInfo]:
         with self._lock:
-            return [self._vinfo(v) for v in sorted(self._vols.values(), key=lambda v: v.seq) if not v.deleted]
+            feeds: dict[str, _Map] = {}  # target -> its latest mapping, built once (not per volume)
+            for m in self._maps.values():
+                cur = feeds.get(m.target)
+                if cur is None or m.start_time > cur.start_time:
+                    feeds[m.target] = m
+            vols = sorted((v for v in self._vols.values() if not v.deleted), key=lambda v: v.seq)
+            return [self._vinfo(v, feeds.get(v.id)) for v in vols]
 
     def set_volume_attrs(self, volume_id: str, attrs: dict[str, str]) -> VolumeInfo:
         with self._lock:
@@ -715,8 +721,8 @@ class Engine:
                 best = m
         return best
 
-    def _vinfo(self, v: _Vol) -> VolumeInfo:
-        m = self._incoming(v)
+    def _vinfo(self, v: _Vol, feed: _Map | None | bool = False) -> VolumeInfo:
+        m = self._incoming(v) if feed is False else feed
         status = "offline" if v.offline else "online"
         alloc = self._io.allocated(self._fd(v)) if v.fd >= 0 or not v.deleted else 0
         return VolumeInfo(
