@@ -1329,17 +1329,22 @@ class Engine:
     def _copy_set(self, items: list[tuple[str, str, dict[str, str] | None, str | None]], group_name: str | None,
                   copy_rate: int, clean_rate: int, *, autodelete: bool, size: int | None = None,
                   quiesce: Quiesce | None = None) -> tuple[GroupInfo | None, list[tuple[VolumeInfo, MappingInfo]]]:
+        """Create targets and mappings, then start them together. All or nothing.
+
+        The start runs without the caller holding the engine lock: its prepare syncs data with the lock released
+        and its quiesce hook (a filesystem freeze) writes through the engine.
+        """
         _check_rate("copy_rate", copy_rate)
         _check_rate("clean_rate", clean_rate)
-        with self._lock:
-            self._check_open()
-            names = [it[1] for it in items]
-            if len(set(names)) != len(names):
-                raise errors.InvalidArgument("target names must be distinct")
-            new_vols: list[_Vol] = []
-            new_maps: list[_Map] = []
-            group: _Group | None = None
-            try:
+        names = [it[1] for it in items]
+        if len(set(names)) != len(names):
+            raise errors.InvalidArgument("target names must be distinct")
+        new_vols: list[_Vol] = []
+        new_maps: list[_Map] = []
+        group: _Group | None = None
+        try:
+            with self._lock:
+                self._check_open()
                 if group_name is not None:
                     self._check_name(group_name)
                     if any(g.name == group_name for g in self._groups.values()):
@@ -1362,36 +1367,41 @@ class Engine:
                     self._maps[m.id] = m
                 if group is not None:
                     self._groups[group.id] = group
-                # the new rows reach disk in the start's own commit: a crash leaves all of it or none
-                self._start(new_maps, quiesce, group)
-            except BaseException:
-                # all or nothing: forget what was made, in memory and (if a commit already wrote it) on disk
-                for m in new_maps:
-                    self._maps.pop(m.id, None)
-                    self._ch.mappings.pop(m.id, None)
-                    self._ch.del_mappings.add(m.id)
-                for v in new_vols:
-                    if v.upstream is not None or v.downstream is not None:
-                        self._unlink(v)
-                    self._vols.pop(v.id, None)
-                    self._ch.volumes.pop(v.id, None)
-                    self._ch.del_volumes.add(v.id)
-                    self._ch.del_bitmaps.add("v:" + v.id)
-                    self._bits_dirty.pop("v:" + v.id, None)
-                    self._copy_dirty.discard(v)
-                    self._unlink_later.append(v)
-                if group is not None:
-                    self._groups.pop(group.id, None)
-                    self._ch.groups.pop(group.id, None)
-                    self._ch.del_groups.add(group.id)
-                if not self._closed:
-                    with contextlib.suppress(Exception):
-                        self._commit()
-                raise
+            # the new rows reach disk in the start's own commit: a crash leaves all of it or none
+            self._start(new_maps, quiesce, group)
+        except BaseException:
+            with self._lock:
+                self._forget_new(new_vols, new_maps, group)
+            raise
+        with self._lock:
             pairs = [(self._vinfo(self._vols[m.target]), self._minfo(m)) for m in new_maps]
             if autodelete:
                 self._work.notify_all()
             return (self._ginfo(group) if group else None), pairs
+
+    def _forget_new(self, new_vols: list[_Vol], new_maps: list[_Map], group: _Group | None) -> None:
+        """Undo a failed _copy_set, in memory and (if a commit already wrote any of it) on disk."""
+        for m in new_maps:
+            self._maps.pop(m.id, None)
+            self._ch.mappings.pop(m.id, None)
+            self._ch.del_mappings.add(m.id)
+        for v in new_vols:
+            if v.upstream is not None or v.downstream is not None:
+                self._unlink(v)
+            self._vols.pop(v.id, None)
+            self._ch.volumes.pop(v.id, None)
+            self._ch.del_volumes.add(v.id)
+            self._ch.del_bitmaps.add("v:" + v.id)
+            self._bits_dirty.pop("v:" + v.id, None)
+            self._copy_dirty.discard(v)
+            self._unlink_later.append(v)
+        if group is not None:
+            self._groups.pop(group.id, None)
+            self._ch.groups.pop(group.id, None)
+            self._ch.del_groups.add(group.id)
+        if not self._closed:
+            with contextlib.suppress(Exception):
+                self._commit()
 
     def restore(self, from_volume_id: str, to_volume_id: str, *, copy_rate: int = DEFAULT_COPY_RATE) -> MappingInfo:
         """Reverse FlashCopy: to_volume shows from_volume's data at once; other snapshots are kept."""
@@ -1400,13 +1410,14 @@ class Engine:
             m = self._new_mapping(from_volume_id, to_volume_id, copy_rate, DEFAULT_CLEAN_RATE, None, False,
                                   True, None, None)
             self._maps[m.id] = m
-            self._dirty_map(m)
-            try:
-                self._start([m], None)
-            except BaseException:
+        try:
+            self._start([m], None)  # the mapping row is written by the start's commit
+        except BaseException:
+            with self._lock:
                 self._maps.pop(m.id, None)
                 self._ch.mappings.pop(m.id, None)
-                raise
+            raise
+        with self._lock:
             return self._minfo(m)
 
     # ------------------------------------------------------------------ introspection

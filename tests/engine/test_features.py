@@ -202,3 +202,32 @@ def test_autodelete_and_background_copy_thread(tmp_path) -> None:
         assert e.read(c.id, 0, 8 * MiB) == e.read(v.id, 0, 8 * MiB)
     finally:
         e.close()
+
+
+def test_quiesce_hook_may_write_through_the_engine(tmp_path) -> None:
+    """A filesystem freeze flushes dirty pages through the engine: the hook runs outside the engine lock."""
+    import contextlib
+    import threading
+
+    e = Engine.open(str(tmp_path / "q"))
+    try:
+        a = e.create_volume("a", 4 * G, grain_size=G)
+        b = e.create_volume("b", 4 * G, grain_size=G)
+        seen: list[list[str]] = []
+
+        @contextlib.contextmanager
+        def freeze(sources: list[str]):
+            seen.append(sources)
+            t = threading.Thread(target=e.write, args=(a.id, 0, b"frozen-flush"))  # another thread, as FUSE
+            t.start()
+            t.join(10)
+            assert not t.is_alive(), "the quiesce hook deadlocked against the engine lock"
+            yield
+
+        snap, _ = e.snapshot(a.id, "s", quiesce=freeze)
+        _, pairs = e.snapshot_group([(a.id, "g1", None, None), (b.id, "g2", None, None)], group_name="g",
+                                    quiesce=freeze)
+        assert seen == [[a.id], [a.id, b.id]]
+        assert e.read(snap.id, 0, 12) == b"frozen-flush"  # what the freeze flushed is in the snapshot
+    finally:
+        e.close()
