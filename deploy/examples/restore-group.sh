@@ -18,8 +18,8 @@ members=$("$kubectl" "${ns_args[@]}" get volumesnapshot -o jsonpath="{range .ite
 while read -r snap pvc; do
   [ -n "$snap" ] || continue
   # Same class and size as the source volume.
-  read -r class size < <("$kubectl" "${ns_args[@]}" get pvc "$pvc" \
-    -o jsonpath='{.spec.storageClassName} {.spec.resources.requests.storage}')
+  read -r class size <<< "$("$kubectl" "${ns_args[@]}" get pvc "$pvc" \
+    -o jsonpath='{.spec.storageClassName} {.spec.resources.requests.storage}')"
   cat <<YAML
 ---
 apiVersion: v1
