@@ -418,7 +418,11 @@ class Engine:
         if d is None or d.owns(g):
             return
         try:
-            self._store_grain(d, g, view())
+            src = self._source_of(v, g)
+            if g in src.pending:
+                self._store_grain(d, g, view())
+            else:
+                self._copy_grain(src, d, g)  # in the kernel; a hole stays a hole
         except OSError as e:
             if e.errno not in NOSPACE_ERRNOS:
                 raise
