@@ -24,6 +24,7 @@ I6 (atomic)     each metadata change is one SQLite transaction; a crash leaves t
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -654,11 +655,16 @@ class Engine:
         return v
 
     def _create_file(self, v: _Vol) -> None:
-        fd = self._io.open(os.path.join(self.data_dir, v.file), create=True)
+        path = os.path.join(self.data_dir, v.file)
+        fd = self._io.open(path, create=True)
         try:
             self._io.truncate(fd, v.size)
-        except BaseException:
+        except BaseException as e:
             self._io.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            if isinstance(e, OSError) and e.errno == errno.EFBIG:
+                raise errors.OutOfRange(f"{v.size} bytes is more than the state dir's filesystem allows") from e
             raise
         v.fd = fd
 
@@ -747,7 +753,12 @@ class Engine:
             if new_size == v.size:
                 return self._vinfo(v)
             self._flush_all()
-            self._io.truncate(self._fd(v), new_size)
+            try:
+                self._io.truncate(self._fd(v), new_size)
+            except OSError as e:
+                if e.errno == errno.EFBIG:
+                    raise errors.OutOfRange(f"{new_size} bytes is more than the filesystem allows") from e
+                raise
             v.size = new_size
             if v.bits is not None:
                 v.bits.resize(v.ngrains, fill=True)  # I3: the new range is ours and reads as zeros

@@ -231,3 +231,13 @@ def test_quiesce_hook_may_write_through_the_engine(tmp_path) -> None:
         assert e.read(snap.id, 0, 12) == b"frozen-flush"  # what the freeze flushed is in the snapshot
     finally:
         e.close()
+
+
+def test_too_large_for_the_filesystem_is_out_of_range(eng, tmp_path) -> None:
+    with pytest.raises(errors.OutOfRange):
+        eng.create_volume("huge", 1 << 60)
+    assert os.listdir(tmp_path / "volumes") == []
+    v = eng.create_volume("v", G)
+    with pytest.raises(errors.OutOfRange):
+        eng.resize_volume(v.id, 1 << 60)
+    assert eng.get_volume(v.id).size == G
