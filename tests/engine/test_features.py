@@ -237,7 +237,7 @@ def test_too_large_for_the_filesystem_is_out_of_range(eng, tmp_path) -> None:
     with pytest.raises(errors.OutOfRange):
         eng.create_volume("huge", 1 << 60)
     assert os.listdir(tmp_path / "volumes") == []
-    v = eng.create_volume("v", G)
+    v = eng.create_volume("v", G, grain_size=G)
     with pytest.raises(errors.OutOfRange):
         eng.resize_volume(v.id, 1 << 60)
     assert eng.get_volume(v.id).size == G
