@@ -14,12 +14,12 @@ Contract for every implementation:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from csi_driver.engine import errors
-from csi_driver.engine.model import MappingState, VolumeInfo
+from csi_driver.engine.model import MappingInfo, MappingState, VolumeInfo
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,8 @@ class Backend(Protocol):
 
     def find_volume(self, name: str) -> Volume | None: ...
 
-    def list_volumes(self) -> list[Volume]:
-        """Visible volumes in creation order."""
+    def find_volumes(self, attrs: Mapping[str, str]) -> list[Volume]:
+        """Visible volumes whose attrs hold every given key/value ({} = all), in creation order."""
 
     def delete_volume(self, volume_id: str) -> None:
         """Succeeds at once even while others read through it (storage reclaimed later). NotFound if unknown."""
@@ -104,6 +104,8 @@ class EmbeddedBackend:
 
     #: how far up a cascade of copies we look for a broken ancestor
     MAX_CHAIN = 64
+    #: up to this many records are built with point look-ups instead of one full listing
+    FEW = 32
 
     def __init__(self, engine: object) -> None:
         from csi_driver.engine import Engine
@@ -120,47 +122,61 @@ class EmbeddedBackend:
 
     # -- records
 
-    def _record(self, info: VolumeInfo) -> Volume:
-        condition = self._condition(info)
+    def _record(self, info: VolumeInfo, vols: Mapping[str, VolumeInfo] | None = None,
+                maps: Mapping[str, MappingInfo] | None = None) -> Volume:
+        """One record; with vols/maps (bulk listings) no further engine call is made."""
+        get_map = maps.get if maps is not None else self._mapping_or_none
+        get_vol = vols.get if vols is not None else self._volume_or_none
         source_id = None
         progress = 100.0
-        if info.source_mapping_id:
-            try:
-                m = self.engine.get_mapping(info.source_mapping_id)
-            except errors.NotFound:
-                m = None
-            if m is not None and m.state != MappingState.IDLE_OR_COPIED:
-                source_id, progress = m.source_id, m.progress
+        m = get_map(info.source_mapping_id) if info.source_mapping_id else None
+        if m is not None and m.state != MappingState.IDLE_OR_COPIED:
+            source_id, progress = m.source_id, m.progress
         return Volume(
             id=info.id, name=info.name, size=info.size, grain_size=info.grain_size, attrs=dict(info.attrs),
-            created_at=info.created_at, condition=condition, source_id=source_id, copy_progress=progress,
-            allocated_bytes=info.allocated_bytes,
+            created_at=info.created_at, condition=self._condition(info, get_vol, get_map),
+            source_id=source_id, copy_progress=progress, allocated_bytes=info.allocated_bytes,
         )
 
-    def _condition(self, info: VolumeInfo) -> str:
+    def _records(self, infos: list[VolumeInfo], every: list[VolumeInfo] | None = None) -> list[Volume]:
+        if not infos:
+            return []
+        if len(infos) <= self.FEW and every is None:
+            return [self._record(i) for i in infos]  # a few point look-ups beat listing everything
+        vols = {i.id: i for i in (every if every is not None else self.engine.list_volumes())}
+        maps = {m.id: m for m in self.engine.list_mappings()}
+        return [self._record(i, vols, maps) for i in infos]
+
+    def _mapping_or_none(self, mapping_id: str) -> MappingInfo | None:
+        try:
+            return self.engine.get_mapping(mapping_id)
+        except errors.NotFound:
+            return None
+
+    def _volume_or_none(self, volume_id: str) -> VolumeInfo | None:
+        try:
+            return self.engine.get_volume(volume_id)
+        except errors.NotFound:
+            return None  # hidden (deleted while others read through it) or reclaimed
+
+    def _condition(self, info: VolumeInfo, get_vol: Callable[[str], VolumeInfo | None],
+                   get_map: Callable[[str], MappingInfo | None]) -> str:
         """Abnormal when this volume, or any volume whose data it still reads through, is broken."""
         seen: set[str] = set()
         current: VolumeInfo | None = info
-        depth = 0
-        while current is not None and depth < self.MAX_CHAIN and current.id not in seen:
+        while current is not None and len(seen) < self.MAX_CHAIN and current.id not in seen:
             seen.add(current.id)
             if current.status != "online" or current.error:
                 why = current.error or current.status
                 return why if current.id == info.id else f"source {current.id} of this copy is broken: {why}"
-            if not current.source_mapping_id:
-                return ""
-            try:
-                m = self.engine.get_mapping(current.source_mapping_id)
-                if m.error:
-                    return f"copy mapping {m.id} failed: {m.error}"
-                if m.state == MappingState.IDLE_OR_COPIED:
-                    return ""  # fully copied: independent of anything upstream
-                if m.state == MappingState.STOPPED:
-                    return f"copy mapping {m.id} stopped before completing"
-                current = self.engine.get_volume(m.source_id)
-            except errors.NotFound:
-                return ""  # upstream hidden/reclaimed: the engine keeps what we read through
-            depth += 1
+            m = get_map(current.source_mapping_id) if current.source_mapping_id else None
+            if m is None or m.state == MappingState.IDLE_OR_COPIED:
+                return ""  # independent (fully copied, or never a copy)
+            if m.error:
+                return f"copy mapping {m.id} failed: {m.error}"
+            if m.state == MappingState.STOPPED:
+                return f"copy mapping {m.id} stopped before completing"
+            current = get_vol(m.source_id)  # None: hidden upstream, the engine keeps what we read through
         return ""
 
     # -- Backend
@@ -192,8 +208,10 @@ class EmbeddedBackend:
         info = self.engine.find_volume(name)
         return self._record(info) if info is not None else None
 
-    def list_volumes(self) -> list[Volume]:
-        return [self._record(i) for i in self.engine.list_volumes()]
+    def find_volumes(self, attrs: Mapping[str, str]) -> list[Volume]:
+        every = self.engine.list_volumes()
+        wanted = list(attrs.items())
+        return self._records([i for i in every if all(i.attrs.get(k) == v for k, v in wanted)], every)
 
     def delete_volume(self, volume_id: str) -> None:
         self.engine.delete_volume(volume_id)
@@ -217,7 +235,7 @@ class EmbeddedBackend:
             [(it.source_id, it.name, dict(it.attrs), it.volume_id) for it in items],
             group_name=group_name, copy_rate=copy_rate,
         )
-        return [self._record(info) for info, _ in pairs]
+        return self._records([info for info, _ in pairs])
 
     def delete_group(self, group_name: str) -> None:
         for g in self.engine.list_groups():

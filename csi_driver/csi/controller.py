@@ -177,7 +177,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     def ListVolumes(self, request: csi_pb2.ListVolumesRequest, context: grpc.ServicerContext
                     ) -> csi_pb2.ListVolumesResponse:
         limit = max_entries(request.max_entries)
-        volumes = [v for v in self.driver.backend.list_volumes() if o.is_volume(v)]
+        volumes = self.driver.backend.find_volumes({o.KIND: o.KIND_VOLUME})
         chosen, next_token = o.paginate(volumes, limit, request.starting_token)
         with_condition = "VOLUME_CONDITION" in self.settings.controller_rpcs
         entries = []
@@ -292,7 +292,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
                 except engine_errors.NotFound:
                     pass
         else:
-            snaps = [v for v in backend.list_volumes() if o.is_snapshot(v)]
+            snaps = backend.find_volumes({o.KIND: o.KIND_SNAPSHOT})
         if request.source_volume_id:
             snaps = [v for v in snaps if v.attrs.get(o.SOURCE_VOLUME) == request.source_volume_id]
         chosen, next_token = o.paginate(snaps, limit, request.starting_token)

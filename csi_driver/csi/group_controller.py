@@ -25,7 +25,7 @@ from csi_driver.proto_gen import csi_pb2, csi_pb2_grpc
 
 def group_members(backend: Backend, *, group_id: str = "", name: str = "") -> list[Volume]:
     key, value = (o.GROUP, group_id) if group_id else (o.GROUP_NAME, name)
-    return [v for v in backend.list_volumes() if o.is_snapshot(v) and v.attrs.get(key) == value]
+    return backend.find_volumes({o.KIND: o.KIND_SNAPSHOT, key: value})
 
 
 def group_snapshot(members: Sequence[Volume]) -> csi_pb2.VolumeGroupSnapshot:
