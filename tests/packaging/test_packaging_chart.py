@@ -171,6 +171,12 @@ def test_release_name_and_namespace_flow_through(helm: str) -> None:
             assert s["namespace"] == "flashcopy-system" and s["name"] == "storage-csi-flashcopy-node"
 
 
+def test_refuses_kubernetes_older_than_1_31(helm: str) -> None:
+    r = pm.helm("template", "x", str(pm.CHART), "--kube-version", "1.30.9", check=False)
+    assert r.returncode != 0 and "requires kubeVersion: >=1.31.0-0" in r.stderr
+    pm.helm("template", "x", str(pm.CHART), "--kube-version", "1.31.0")
+
+
 BAD_VALUES: dict[str, tuple[pm.Obj, str]] = {
     "port-as-string": ({"metrics": {"port": "http"}}, "/metrics/port"),
     "driver-name-as-number": ({"driverName": 7}, "/driverName"),
