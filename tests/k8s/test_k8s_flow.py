@@ -345,11 +345,12 @@ def test_helm_install(cluster: Cluster, k8s: Any) -> None:
 
 @pytest.fixture(scope="module")
 def driver(cluster: Cluster, k8s: Any) -> Iterator[Driver]:
-    """`csi-flashcopy serve` with the plugin container's args from the installed DaemonSet (engine embedded: this
-    test has no separate engine container), paths remapped under the test's state dir."""
+    """`csi-flashcopy serve` with the plugin container's args from the installed DaemonSet, paths remapped under the
+    test's state dir, and the engine embedded instead of the pod's separate engine container."""
     containers = _pod_containers(k8s, "DaemonSet", f"{pm.RELEASE}-node")
     args = [a for a in containers["csi-flashcopy"]["args"] if a.split("=")[0] not in ("--engine", "--engine-endpoint")]
     assert args[:2] == ["serve", "--mode=all"]
+    args.append("--engine=embedded")  # no kubelet, so no node staging: the engine process adds nothing here
     sock, state = cluster.state / "csi.sock", cluster.state / "driver-state"
     argv = [sys.executable, "-m", "csi_driver", *_remap_driver_args(args, sock, state)]
     env = {k: v for k, v in cluster.env.items() if not k.startswith("CSI_")}
