@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 
 from csi_driver import __version__
-from csi_driver.csi.backend import Backend, make_backend
+from csi_driver.csi.backend import Backend, check_engine_mode, make_backend
 from csi_driver.csi.controller import ControllerServicer
 from csi_driver.csi.driver import BackendSlot, Driver
 from csi_driver.csi.group_controller import GroupControllerServicer
@@ -173,6 +173,11 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if not settings.node_id:
         log.error("--node-id is empty")
+        return 2
+    try:
+        check_engine_mode(args)
+    except ValueError as e:
+        log.error("cannot serve", extra={"fields": {"error": str(e)}})
         return 2
     slot = BackendSlot()
     driver = Driver(settings, slot)

@@ -251,7 +251,11 @@ def make_backend(args: object) -> Backend:
     Today every mode opens the engine embedded on --state-dir. `--engine process` (and `auto` once the node
     data path is served) will return a client of the node engine process at --engine-endpoint instead.
     """
-    mode = getattr(args, "engine", "auto")
-    if mode == "process":
-        raise SystemExit("--engine process: the node engine process is not available in this build")
+    check_engine_mode(args)
     return EmbeddedBackend.open(args.state_dir)
+
+
+def check_engine_mode(args: object) -> None:
+    """Refuse, before anything is bound or opened, an engine mode this build cannot provide."""
+    if getattr(args, "engine", "auto") == "process":
+        raise ValueError("--engine process: the node engine process is not available in this build")

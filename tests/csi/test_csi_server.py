@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import stat
+import sys
 import threading
 import time
 import urllib.request
@@ -56,14 +57,12 @@ def test_live_socket_or_other_file_is_not_stolen(server_factory) -> None:
 
 def _run_to_exit(srv: CsiServer, timeout: float = 30) -> int:
     import subprocess
-    import sys
 
     from tests.csi.conftest import REPO
 
     with open(srv.log_path, "ab") as log:
         proc = subprocess.run(srv.argv(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
                               env=dict(os.environ, PYTHONPATH=str(REPO)), check=False)
-    del sys
     return proc.returncode
 
 
@@ -222,3 +221,48 @@ def test_bad_endpoint_exits_nonzero(server_factory) -> None:
                           env=dict(os.environ, PYTHONPATH=str(REPO)), check=False)
     assert proc.returncode == 1 and b"unsupported endpoint" in proc.stderr
     assert not Path(srv.state).exists() or not any(Path(srv.state).iterdir())
+
+
+def test_unavailable_engine_mode_and_empty_node_id_exit_2(server_factory) -> None:
+    import subprocess
+
+    from tests.csi.conftest import REPO
+
+    srv = server_factory("refuse")
+    for extra in (["--engine", "process"], ["--node-id", ""]):
+        proc = subprocess.run(srv.argv() + extra, cwd=REPO, capture_output=True, timeout=30,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)), check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert not srv.sock.exists()
+
+
+def test_environment_variables_configure_serve(tmp_path_factory) -> None:
+    """The sidecar convention: CSI_ENDPOINT etc. instead of flags."""
+    import subprocess
+
+    from tests.csi.conftest import REPO, short_tmp
+
+    root = short_tmp(tmp_path_factory, "env")
+    env = dict(os.environ, PYTHONPATH=str(REPO), CSI_ENDPOINT=f"unix://{root}/env.sock",
+               CSI_FLASHCOPY_STATE_DIR=str(root / "state"), CSI_NODE_ID="env-node", CSI_MODE="node",
+               CSI_DRIVER_NAME="env.flashcopy.example", CSI_MAX_VOLUMES_PER_NODE="7", CSI_LOG_FORMAT="json")
+    proc = subprocess.Popen([sys.executable, "-m", "csi_driver", "serve"], cwd=REPO, env=env,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not (root / "env.sock").exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        from csi_driver.proto_gen import csi_pb2_grpc
+
+        with grpc.insecure_channel(f"unix://{root}/env.sock") as ch:
+            info = csi_pb2_grpc.NodeStub(ch).NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=10)
+            assert info.node_id == "env-node" and info.max_volumes_per_node == 7
+            assert dict(info.accessible_topology.segments) == {"topology.env.flashcopy.example/node": "env-node"}
+            name = csi_pb2_grpc.IdentityStub(ch).GetPluginInfo(csi_pb2.GetPluginInfoRequest(), timeout=10).name
+            assert name == "env.flashcopy.example"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert all(json.loads(line) for line in err.decode().splitlines() if line.strip())
