@@ -96,6 +96,47 @@ class Backend(Protocol):
         """Forget the consistency group (its member volumes are deleted separately). NotFound if unknown."""
 
 
+@dataclass(frozen=True)
+class NodeStats:
+    """Usage of a staged/published volume as the node sees it (NodeGetVolumeStats)."""
+
+    block: bool
+    total_bytes: int
+    used_bytes: int
+    available_bytes: int
+    total_inodes: int = 0
+    used_inodes: int = 0
+    available_inodes: int = 0
+    abnormal: bool = False
+    message: str = ""
+
+
+@runtime_checkable
+class NodeBackend(Protocol):
+    """The node data path (stage/publish), implemented with the node data path issue.
+
+    Kept apart from Backend so controller-only deployments need none of it. Every call is idempotent and
+    raises engine error classes: NotFound (unknown volume; path not staged/published), InvalidState (publish
+    before stage), AlreadyExists (staged/published with another fs or access type), InvalidArgument.
+    Request validation stays in the Node servicer.
+    """
+
+    def node_stage(self, volume_id: str, staging_path: str, *, block: bool, fs_type: str,
+                   mount_flags: Sequence[str], read_only: bool) -> None: ...
+
+    def node_unstage(self, volume_id: str, staging_path: str) -> None: ...
+
+    def node_publish(self, volume_id: str, staging_path: str, target_path: str, *, block: bool,
+                     read_only: bool, mount_flags: Sequence[str]) -> None: ...
+
+    def node_unpublish(self, volume_id: str, target_path: str) -> None: ...
+
+    def node_stats(self, volume_id: str, volume_path: str) -> NodeStats: ...
+
+    def node_expand(self, volume_id: str, volume_path: str, required_bytes: int) -> int:
+        """Capacity in bytes after the device was refreshed and its filesystem grown."""
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 
