@@ -163,6 +163,7 @@ class Engine:
         self._closed = False
         self._vols: dict[str, _Vol] = {}
         self._maps: dict[str, _Map] = {}
+        self._feeds: dict[str, _Map] | None = None  # target id -> feeding mapping (see _incoming)
         self._groups: dict[str, _Group] = {}
         self._seq = itertools.count(1)
         # what the next commit must write
@@ -285,10 +286,9 @@ class Engine:
             v.id, v.seq, v.name, v.size, v.grain, dump_attrs(v.attrs), v.created, int(v.deleted), v.file,
             v.upstream.id if v.upstream else None, v.offline, v.clean_rate,
         )
-        if v.bits is not None:
-            self._bits_dirty["v:" + v.id] = (v.bits, v)
 
     def _dirty_map(self, m: _Map) -> None:
+        self._feeds = None  # a mapping changed: rebuild the target -> mapping index on next use
         self._ch.mappings[m.id] = (
             m.id, m.seq, m.name, m.source, m.target, m.state.value, m.copy_rate, m.clean_rate, m.grain,
             int(m.incremental), int(m.autodelete), m.group_id, m.start_time, m.error, int(m.restore),
@@ -707,13 +707,8 @@ class Engine:
 
     def list_volumes(self) -> list[VolumeInfo]:
         with self._lock:
-            feeds: dict[str, _Map] = {}  # target -> its latest mapping, built once (not per volume)
-            for m in self._maps.values():
-                cur = feeds.get(m.target)
-                if cur is None or m.start_time > cur.start_time:
-                    feeds[m.target] = m
             vols = sorted((v for v in self._vols.values() if not v.deleted), key=lambda v: v.seq)
-            return [self._vinfo(v, feeds.get(v.id)) for v in vols]
+            return [self._vinfo(v) for v in vols]
 
     def set_volume_attrs(self, volume_id: str, attrs: dict[str, str]) -> VolumeInfo:
         with self._lock:
@@ -724,15 +719,18 @@ class Engine:
             return self._vinfo(v)
 
     def _incoming(self, v: _Vol) -> _Map | None:
-        """The mapping that currently feeds v (v is its target and it is active)."""
-        best = None
-        for m in self._maps.values():
-            if m.target == v.id and (best is None or m.start_time > best.start_time):
-                best = m
-        return best
+        """The mapping that feeds v: of the mappings with v as target, the one started last."""
+        if self._feeds is None:
+            feeds: dict[str, _Map] = {}
+            for m in self._maps.values():
+                cur = feeds.get(m.target)
+                if cur is None or m.start_time > cur.start_time:
+                    feeds[m.target] = m
+            self._feeds = feeds
+        return self._feeds.get(v.id)
 
-    def _vinfo(self, v: _Vol, feed: _Map | None | bool = False) -> VolumeInfo:
-        m = self._incoming(v) if feed is False else feed
+    def _vinfo(self, v: _Vol) -> VolumeInfo:
+        m = self._incoming(v)
         status = "offline" if v.offline else "online"
         alloc = self._io.allocated(self._fd(v)) if v.fd >= 0 or not v.deleted else 0
         return VolumeInfo(
@@ -762,6 +760,7 @@ class Engine:
             v.size = new_size
             if v.bits is not None:
                 v.bits.resize(v.ngrains, fill=True)  # I3: the new range is ours and reads as zeros
+                self._mark_bit("v:" + v.id, v.bits, v)
             for m in self._maps.values():
                 if m.diff is not None and volume_id in (m.source, m.target):
                     m.diff.resize(max(m.diff.n, v.ngrains), fill=True)
@@ -798,6 +797,7 @@ class Engine:
 
     def _forget_mapping(self, m: _Map) -> None:
         self._maps.pop(m.id, None)
+        self._feeds = None
         self._ch.del_mappings.add(m.id)
         self._ch.del_bitmaps.add("d:" + m.id)
         self._bits_dirty.pop("d:" + m.id, None)
@@ -1114,6 +1114,8 @@ class Engine:
             t.file, t.fd = f"{t.id}.{secrets.token_hex(4)}.img", -1
             self._create_file(t)
             self._dirty_vol(keeper)
+            if keeper.bits is not None:
+                self._mark_bit("v:" + keeper.id, keeper.bits, keeper)
             m.restore = True
             bits = Bitmap(t.ngrains)
         elif m.incremental and m.copied and m.diff is not None and t.bits is not None:
@@ -1380,6 +1382,7 @@ class Engine:
                     m.group_id = group.id if group else None
                     new_maps.append(m)
                     self._maps[m.id] = m
+                    self._feeds = None
                 if group is not None:
                     self._groups[group.id] = group
             # the new rows reach disk in the start's own commit: a crash leaves all of it or none
@@ -1398,6 +1401,7 @@ class Engine:
         """Undo a failed _copy_set, in memory and (if a commit already wrote any of it) on disk."""
         for m in new_maps:
             self._maps.pop(m.id, None)
+            self._feeds = None
             self._ch.mappings.pop(m.id, None)
             self._ch.del_mappings.add(m.id)
         for v in new_vols:
@@ -1425,11 +1429,13 @@ class Engine:
             m = self._new_mapping(from_volume_id, to_volume_id, copy_rate, DEFAULT_CLEAN_RATE, None, False,
                                   True, None, None)
             self._maps[m.id] = m
+            self._feeds = None
         try:
             self._start([m], None)  # the mapping row is written by the start's commit
         except BaseException:
             with self._lock:
                 self._maps.pop(m.id, None)
+                self._feeds = None
                 self._ch.mappings.pop(m.id, None)
             raise
         with self._lock:

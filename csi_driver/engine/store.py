@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import sqlite3
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,7 +80,7 @@ class Store:
         vols = rows("volumes", VOLUME_COLS)
         for v in vols:
             v["attrs"] = json.loads(v["attrs"])
-        bitmaps = {k: (n, bytes(d)) for k, n, d in self._db.execute("SELECT key, n, data FROM bitmaps")}
+        bitmaps = {k: (n, zlib.decompress(d)) for k, n, d in self._db.execute("SELECT key, n, data FROM bitmaps")}
         return vols, rows("mappings", MAPPING_COLS), rows("groups", GROUP_COLS), bitmaps
 
     def commit(self, ch: Changes) -> None:
@@ -97,8 +98,9 @@ class Store:
                 if dels:
                     db.executemany(f"DELETE FROM {table} WHERE id=?", [(k,) for k in dels])
             if ch.bitmaps:
+                # bitmaps are mostly runs of 0x00 or 0xff: compressed they cost the WAL little
                 db.executemany("INSERT OR REPLACE INTO bitmaps VALUES (?,?,?)",
-                               [(k, n, d) for k, (n, d) in ch.bitmaps.items()])
+                               [(k, n, zlib.compress(d, 1)) for k, (n, d) in ch.bitmaps.items()])
             if ch.del_bitmaps:
                 db.executemany("DELETE FROM bitmaps WHERE key=?", [(k,) for k in ch.del_bitmaps])
             db.execute("COMMIT")
