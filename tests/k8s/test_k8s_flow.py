@@ -14,8 +14,10 @@ Module-scoped: one control plane, one driver; the tests run in file order and bu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -180,7 +182,29 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             p.stop()
         # PACKAGING_KEEP_STATE=1 keeps $STATE (logs of every component) for a post-mortem
         wipe = "" if os.environ.get("PACKAGING_KEEP_STATE") else "1"
+        pids = _recorded_pids(state)
         subprocess.run(["bash", str(DOWN)], env=dict(env, WIPE=wipe), capture_output=True, timeout=120)
+        _kill_leftovers(pids, state)
+
+
+def _recorded_pids(state: Path) -> list[int]:
+    try:
+        return [int(line.split()[1]) for line in (state / "pids").read_text().splitlines() if len(line.split()) > 1]
+    except (OSError, ValueError):
+        return []
+
+
+def _kill_leftovers(pids: list[int], state: Path) -> None:
+    """down.sh skips a PID whose executable name is not the one it started; our kube-apiserver wrapper execs
+    kube-apiserver.real, so stop what is still running for this STATE ourselves."""
+    for pid in pids:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(state).encode() in cmd:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
