@@ -368,8 +368,9 @@ def refresh_loop_capacity(device: str) -> None:
 
 
 def block_size_bytes(device: str) -> int:
-    name = os.path.basename(os.path.realpath(device))
-    return int(_read_sys(f"/sys/class/block/{name}/size") or 0) * 512
+    """Size of a block device, also through a bind-mounted device node (looked up by device number)."""
+    rdev = os.stat(device).st_rdev
+    return int(_read_sys(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/size") or 0) * 512
 
 
 # ---------------------------------------------------------------------------------------------- filesystems
@@ -409,6 +410,29 @@ def mkfs(device: str, fstype: str = "ext4", *, prezeroed: bool = False, timeout:
         run(["mkfs.ext4", "-q", "-F", "-E", ext, device], timeout=timeout)
     else:
         run(["mkfs.xfs", "-q", "-K", device], timeout=timeout)
+
+
+def ext4_size(device: str) -> int:
+    """Bytes an ext4 filesystem spans (from its superblock)."""
+    out = run(["dumpe2fs", "-h", device]).stdout
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    return int(fields["Block count"].strip()) * int(fields["Block size"].strip())
+
+
+def grow_ext4_offline(device: str, timeout: float = 600.0) -> None:
+    """Grow an unmounted ext4 to its device: e2fsck (replays the journal of a crash-consistent copy) then
+    resize2fs. Offline growth needs no CAP_SYS_RESOURCE, which online ext4 resizing does."""
+    run(["e2fsck", "-f", "-p", device], timeout=timeout, ok_codes=(0, 1))
+    run(["resize2fs", device], timeout=timeout)
+
+
+def can_resize_ext4_online() -> bool:
+    """Online ext4 growth (EXT4_IOC_RESIZE_FS) needs CAP_SYS_RESOURCE; some sandboxes drop it."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) & (1 << 24))
+    return False
 
 
 def resize_filesystem(device: str, mount_point: str, fstype: str, timeout: float = 600.0) -> None:

@@ -1,0 +1,420 @@
+"""Node data path over an engine: stage/publish/unstage/unpublish/stats/expand and the snapshot quiesce hook.
+
+Used by the node engine process (daemon.py), and in-process by an embedded backend. Every operation checks
+the live system (mount table, loop devices) as well as its crash-safe staging records, so it is idempotent
+and repairs half-done work; teardown goes in the reverse order of setup (unmount, detach loop, remove the
+export) and keeps going past individual failures, raising them together at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from csi_driver.datapath import privileged
+from csi_driver.datapath.fuse_export import EngineVolume, FuseExport
+from csi_driver.engine import errors
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FS = "ext4"
+FREEZE_MAX_SECONDS = 10.0
+
+
+@dataclasses.dataclass
+class StageRecord:
+    volume_id: str
+    staging_path: str
+    block: bool
+    fs_type: str
+    read_only: bool
+    loop_device: str = ""
+    mount_flags: list[str] = dataclasses.field(default_factory=list)
+    # target path -> read_only
+    publishes: dict[str, bool] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeStats:
+    block: bool
+    total_bytes: int
+    used_bytes: int
+    available_bytes: int
+    total_inodes: int = 0
+    used_inodes: int = 0
+    available_inodes: int = 0
+    abnormal: bool = False
+    message: str = ""
+
+
+class _Records:
+    """Staging records in one JSON file, replaced atomically (temp file, fsync, rename, fsync dir)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.items: dict[str, StageRecord] = {}
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+            for r in raw.get("staged", []):
+                rec = StageRecord(**r)
+                self.items[rec.volume_id] = rec
+        except FileNotFoundError:
+            pass
+
+    def save(self) -> None:
+        tmp = self.path + ".tmp"
+        data = {"staged": [dataclasses.asdict(r) for r in self.items.values()]}
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        dfd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+class _Errors:
+    """Collects teardown failures so every step is tried; raises them together at the end."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.failures: list[str] = []
+
+    @contextlib.contextmanager
+    def step(self, msg: str) -> Iterator[None]:
+        try:
+            yield
+        except Exception as e:
+            log.error("%s: %s failed: %s", self.what, msg, e)
+            self.failures.append(f"{msg}: {e}")
+
+    def raise_any(self) -> None:
+        if self.failures:
+            raise errors.EngineError(f"{self.what}: leftovers may remain: " + "; ".join(self.failures))
+
+
+class DataPath:
+    """Owns the FUSE export of this node's staged volumes, their loop devices, mounts and records."""
+
+    def __init__(self, engine: Any, state_dir: str, *, export_dir: str | None = None):
+        self.engine = engine
+        self.state_dir = os.path.abspath(state_dir)
+        self.export = FuseExport(export_dir or os.path.join(self.state_dir, "exports"))
+        self._records = _Records(os.path.join(self.state_dir, "staging.json"))
+        self._lock = threading.RLock()  # records and per-volume work; node RPCs are rare and short
+        self.last_freeze_window = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Mount the export and re-adopt what the records say is staged."""
+        self.export.start()
+        with self._lock:
+            for rec in self._records.items.values():
+                with contextlib.suppress(errors.NotFound):
+                    self.engine.get_volume(rec.volume_id)
+                    self.export.add(rec.volume_id, EngineVolume(self.engine, rec.volume_id),
+                                    read_only=rec.read_only)
+
+    def stop(self, *, teardown: bool = False) -> None:
+        """Stop serving. teardown=True first unpublishes and unstages everything (tests, clean shutdown)."""
+        if teardown:
+            with self._lock:
+                for rec in list(self._records.items.values()):
+                    with contextlib.suppress(Exception):
+                        self.unstage(rec.volume_id, rec.staging_path)
+        self.export.stop()
+
+    def staged(self) -> list[StageRecord]:
+        with self._lock:
+            return [dataclasses.replace(r, publishes=dict(r.publishes)) for r in self._records.items.values()]
+
+    def record(self, volume_id: str) -> StageRecord | None:
+        with self._lock:
+            return self._records.items.get(volume_id)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _export_path(self, volume_id: str) -> str:
+        return self.export.path(volume_id)
+
+    def _live_loop(self, volume_id: str) -> str | None:
+        """The loop device attached to this volume's export file, found from sysfs (works on a dead mount)."""
+        path = self._export_path(volume_id)
+        for lo in privileged.list_loops():
+            if lo.backing_file in (path, path + " (deleted)"):
+                return lo.device
+        return None
+
+    def _export_alive(self, volume_id: str) -> bool:
+        try:
+            os.stat(self._export_path(volume_id))
+            return True
+        except OSError:
+            return False
+
+    # ------------------------------------------------------------------ stage
+
+    def stage(self, volume_id: str, staging_path: str, *, block: bool, fs_type: str = "",
+              mount_flags: Sequence[str] = (), read_only: bool = False) -> StageRecord:
+        fs_type = "" if block else (fs_type or DEFAULT_FS)
+        if not block and fs_type not in privileged.SUPPORTED_FS:
+            raise errors.InvalidArgument(
+                f"unsupported fsType {fs_type!r} (supported: {', '.join(privileged.SUPPORTED_FS)})")
+        staging_path = os.path.abspath(staging_path)
+        with self._lock:
+            vol = self.engine.get_volume(volume_id)  # NotFound for an unknown volume
+            rec = self._records.items.get(volume_id)
+            if rec is not None:
+                if rec.staging_path != staging_path:
+                    raise errors.AlreadyExists(
+                        f"volume {volume_id} is already staged at {rec.staging_path}")
+                if rec.block != block or (not block and rec.fs_type != fs_type) or rec.read_only != read_only:
+                    raise errors.AlreadyExists(
+                        f"volume {volume_id} is already staged at {staging_path} with a different "
+                        f"access type, fsType or read-only flag")
+            else:
+                rec = StageRecord(volume_id, staging_path, block, fs_type, read_only,
+                                  mount_flags=list(mount_flags))
+            try:
+                self._setup(rec, vol.size)
+            except Exception:
+                # undo what this call did unless an earlier stage (recorded) owns it
+                if volume_id not in self._records.items:
+                    with contextlib.suppress(Exception):
+                        self._teardown(rec, "rollback stage")
+                raise
+            self._records.items[volume_id] = rec
+            self._records.save()
+            return rec
+
+    def _setup(self, rec: StageRecord, size: int) -> None:
+        vid = rec.volume_id
+        dev = self._live_loop(vid)
+        if dev is not None and not self._export_alive(vid):
+            raise errors.InvalidState(
+                f"volume {vid}: its loop device {dev} sits on a dead export (the engine process restarted); "
+                "unstage it first")
+        path = self.export.add(vid, EngineVolume(self.engine, vid), read_only=rec.read_only)
+        if dev is None:
+            dev = privileged.attach_loop(path, read_only=rec.read_only)
+        rec.loop_device = dev
+        if rec.block:
+            return
+        os.makedirs(rec.staging_path, exist_ok=True)
+        if privileged.is_mountpoint(rec.staging_path):
+            privileged.mount(dev, rec.staging_path, fstype=rec.fs_type, read_only=rec.read_only)  # verifies
+            return
+        found = privileged.filesystem_type(dev)
+        if found is None:
+            if rec.read_only:
+                raise errors.InvalidState(f"volume {vid} holds no filesystem and is staged read-only")
+            prezeroed = not self.engine.changed_extents(None, vid)
+            privileged.mkfs(dev, rec.fs_type, prezeroed=prezeroed)
+        elif found != rec.fs_type:
+            raise errors.InvalidState(
+                f"volume {vid} holds a {found} filesystem, not {rec.fs_type}; refusing to reformat")
+        elif found == "ext4" and not rec.read_only and privileged.ext4_size(dev) < size:
+            # a restore or clone into a larger volume: grow the copied filesystem before mounting it
+            privileged.grow_ext4_offline(dev)
+        opts = list(rec.mount_flags)
+        if rec.fs_type == "xfs" and "nouuid" not in opts:
+            opts.append("nouuid")  # snapshots and clones share their source's UUID; xfs would refuse them
+        privileged.mount(dev, rec.staging_path, fstype=rec.fs_type, options=opts, read_only=rec.read_only)
+        if found == "xfs" and not rec.read_only:
+            privileged.resize_filesystem(dev, rec.staging_path, "xfs")  # xfs grows only mounted; no-op if full
+
+    # ------------------------------------------------------------------ unstage
+
+    def unstage(self, volume_id: str, staging_path: str) -> None:
+        """Undo stage (and any publish left behind); fine if nothing is staged."""
+        staging_path = os.path.abspath(staging_path)
+        with self._lock:
+            rec = self._records.items.get(volume_id)
+            if rec is None:
+                rec = StageRecord(volume_id, staging_path, block=False, fs_type="", read_only=False)
+            elif rec.staging_path != staging_path:
+                raise errors.InvalidArgument(
+                    f"volume {volume_id} is staged at {rec.staging_path}, not {staging_path}")
+            try:
+                self._teardown(rec, f"unstage {volume_id}")
+            except Exception:
+                self._records.save()  # keep the record: a retry finds what is left
+                raise
+            self._records.items.pop(volume_id, None)
+            self._records.save()
+
+    def _teardown(self, rec: StageRecord, what: str) -> None:
+        errs = _Errors(what)
+        for target in list(rec.publishes):
+            with errs.step(f"unpublish {target}"):
+                self._unpublish_path(target)
+                rec.publishes.pop(target, None)
+        if os.path.isdir(rec.staging_path) or privileged.is_mountpoint(rec.staging_path):
+            with errs.step(f"unmount {rec.staging_path}"):
+                privileged.umount(rec.staging_path)
+        with errs.step("detach loop"):
+            dev = self._live_loop(rec.volume_id)
+            if dev is not None:
+                privileged.detach_loop(dev)
+        errs.raise_any()
+        # only now: removing the export under a still-attached loop device would fail its I/O
+        self.export.remove(rec.volume_id)
+
+    # ------------------------------------------------------------------ publish
+
+    def publish(self, volume_id: str, staging_path: str, target_path: str, *, block: bool,
+                read_only: bool = False, mount_flags: Sequence[str] = ()) -> None:
+        staging_path = os.path.abspath(staging_path)
+        target_path = os.path.abspath(target_path)
+        with self._lock:
+            self.engine.get_volume(volume_id)
+            rec = self._records.items.get(volume_id)
+            if rec is None or rec.staging_path != staging_path:
+                raise errors.InvalidState(f"volume {volume_id} is not staged at {staging_path}")
+            if rec.block != block:
+                raise errors.InvalidState(
+                    f"volume {volume_id} is staged as {'block' if rec.block else 'mount'}, "
+                    f"publish asks for {'block' if block else 'mount'}")
+            prev = rec.publishes.get(target_path)
+            if prev is not None and prev != read_only and privileged.is_mountpoint(target_path):
+                raise errors.AlreadyExists(
+                    f"{target_path} is already published with read_only={prev}")
+            if rec.read_only and not read_only:
+                raise errors.InvalidState(f"volume {volume_id} is staged read-only")
+            dev = rec.loop_device or self._live_loop(volume_id)
+            if dev is None:
+                raise errors.InvalidState(f"volume {volume_id}: no loop device (stage it again)")
+            if block:
+                self._ensure_file(target_path)
+                privileged.mount(dev, target_path, bind=True, read_only=read_only)
+            else:
+                os.makedirs(target_path, exist_ok=True)
+                opts = [o for o in mount_flags if o not in ("ro", "rw", "bind")]
+                privileged.mount(staging_path, target_path, bind=True, read_only=read_only, options=opts)
+            rec.publishes[target_path] = read_only
+            self._records.save()
+
+    @staticmethod
+    def _ensure_file(path: str) -> None:
+        if os.path.isdir(path) and not privileged.is_mountpoint(path) and not os.listdir(path):
+            os.rmdir(path)  # a block target must be a file to bind a device node on
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "a"):
+                pass
+
+    def unpublish(self, volume_id: str, target_path: str) -> None:
+        target_path = os.path.abspath(target_path)
+        with self._lock:
+            self._unpublish_path(target_path)
+            rec = self._records.items.get(volume_id)
+            if rec is not None and target_path in rec.publishes:
+                del rec.publishes[target_path]
+                self._records.save()
+
+    @staticmethod
+    def _unpublish_path(target_path: str) -> None:
+        privileged.umount(target_path)
+        # the target is ours to delete (CSI: the SP removes what it created at the target path)
+        with contextlib.suppress(FileNotFoundError, OSError):
+            if os.path.isdir(target_path):
+                os.rmdir(target_path)
+            else:
+                os.unlink(target_path)
+
+    # ------------------------------------------------------------------ stats, expand
+
+    def _rec_for_path(self, volume_id: str, path: str) -> StageRecord:
+        path = os.path.abspath(path)
+        rec = self._records.items.get(volume_id)
+        if rec is None or (path != rec.staging_path and path not in rec.publishes):
+            raise errors.NotFound(f"volume {volume_id} is not staged or published at {path}")
+        return rec
+
+    def stats(self, volume_id: str, volume_path: str) -> NodeStats:
+        with self._lock:
+            vol = self.engine.get_volume(volume_id)
+            rec = self._rec_for_path(volume_id, volume_path)
+            abnormal, msg = self._condition(rec, vol)
+            if rec.block:
+                size = privileged.block_size_bytes(rec.loop_device) if rec.loop_device else vol.size
+                used = min(vol.allocated_bytes, size)
+                return NodeStats(True, size, used, size - used, abnormal=abnormal, message=msg)
+        try:
+            st = os.statvfs(volume_path)
+        except OSError as e:
+            return NodeStats(False, 0, 0, 0, abnormal=True, message=f"statfs {volume_path}: {e}")
+        total = st.f_blocks * st.f_frsize
+        avail = st.f_bavail * st.f_frsize
+        used = (st.f_blocks - st.f_bfree) * st.f_frsize
+        return NodeStats(False, total, used, avail, st.f_files, st.f_files - st.f_ffree, st.f_favail,
+                         abnormal=abnormal, message=msg)
+
+    def _condition(self, rec: StageRecord, vol: Any) -> tuple[bool, str]:
+        if vol.status != "online":
+            return True, f"volume is {vol.status}: {vol.error}"
+        if not self._export_alive(rec.volume_id):
+            return True, "the engine export of this volume is gone (engine process restarted?)"
+        dev = self._live_loop(rec.volume_id)
+        if dev is None:
+            return True, "no loop device attached"
+        if not rec.block and not privileged.is_mountpoint(rec.staging_path):
+            return True, f"staging path {rec.staging_path} is not mounted"
+        return False, "healthy"
+
+    def expand(self, volume_id: str, volume_path: str, required_bytes: int) -> int:
+        """Grow the volume if needed, refresh the loop capacity, then grow the filesystem online."""
+        with self._lock:
+            rec = self._rec_for_path(volume_id, volume_path)
+            vol = self.engine.get_volume(volume_id)
+            if required_bytes > vol.size:
+                vol = self.engine.resize_volume(volume_id, required_bytes)
+            self.export.refresh_size(volume_id)
+            dev = rec.loop_device or self._live_loop(volume_id)
+            if dev is None:
+                raise errors.InvalidState(f"volume {volume_id} has no loop device")
+            if privileged.block_size_bytes(dev) != vol.size:
+                privileged.refresh_loop_capacity(dev)
+            if not rec.block:
+                privileged.resize_filesystem(dev, rec.staging_path, rec.fs_type)
+            return privileged.block_size_bytes(dev)
+
+    # ------------------------------------------------------------------ snapshots
+
+    def quiesce(self, source_ids: list[str]) -> contextlib.AbstractContextManager[None]:
+        """Engine quiesce hook: freeze the staged read-write filesystems among source_ids, flush block ones."""
+        return self._quiesce(list(source_ids))
+
+    @contextlib.contextmanager
+    def _quiesce(self, source_ids: list[str]) -> Iterator[None]:
+        with self._lock:
+            recs = [self._records.items[s] for s in source_ids if s in self._records.items]
+        mps = [r.staging_path for r in recs
+               if not r.block and not r.read_only and privileged.is_mountpoint(r.staging_path)]
+        for r in recs:
+            if r.block and r.loop_device and not r.read_only:
+                # no filesystem to freeze: push the device's page cache down to the engine instead
+                with contextlib.suppress(OSError):
+                    fd = os.open(r.loop_device, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+        t0 = time.monotonic()
+        with privileged.frozen(mps, max_seconds=FREEZE_MAX_SECONDS):
+            yield
+        self.last_freeze_window = time.monotonic() - t0
+        if mps:
+            log.info("froze %d filesystem(s) for %.1f ms", len(mps), self.last_freeze_window * 1000)

@@ -1,0 +1,80 @@
+"""Fixtures for the node data path tests: root/FUSE/loop skips, a real engine, and a leak check.
+
+Every test using `no_leaks` (all of them, through `datapath`) fails if it leaves a loop device, a mount or a
+FUSE mount under its temporary directory behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+
+from csi_driver.datapath import privileged
+
+
+def _why_no_kernel() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (loop devices, FUSE, mount)"
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse in this environment"
+    if not os.path.exists("/dev/loop-control"):
+        return "no /dev/loop-control (loop devices unavailable)"
+    for tool in ("losetup", "mkfs.ext4", "mkfs.xfs", "blkid", "mount", "resize2fs", "xfs_growfs"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    try:
+        import mfusepy  # noqa: F401
+    except (ImportError, OSError) as e:
+        return f"mfusepy/libfuse3 unavailable: {e}"
+    return None
+
+
+KERNEL_SKIP = _why_no_kernel()
+needs_kernel = pytest.mark.skipif(KERNEL_SKIP is not None, reason=KERNEL_SKIP or "")
+
+
+def leftovers(root: str) -> list[str]:
+    root = os.path.realpath(root)
+    found = [f"mount {m.mount_point} ({m.fstype})" for m in privileged.mounts()
+             if m.mount_point == root or m.mount_point.startswith(root + "/")]
+    found += [f"loop {lo.device} -> {lo.backing_file}" for lo in privileged.list_loops()
+              if lo.backing_file.startswith(root + "/")]
+    return found
+
+
+@pytest.fixture
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A short temporary directory (mount paths stay readable) checked for leftovers afterwards."""
+    d = str(tmp_path_factory.mktemp("dp"))
+    yield d
+    left = leftovers(d)
+    # clean up so one failing test does not poison the next, then fail loudly
+    for m in sorted((m for m in privileged.mounts() if m.mount_point.startswith(os.path.realpath(d) + "/")),
+                    key=lambda m: -len(m.mount_point)):
+        privileged.umount(m.mount_point, lazy=True)
+    for lo in privileged.list_loops():
+        if lo.backing_file.startswith(os.path.realpath(d) + "/"):
+            privileged.detach_loop(lo.device)
+    assert not left, f"test left behind: {left}"
+
+
+@pytest.fixture
+def engine(workdir: str) -> Iterator[object]:
+    from csi_driver.engine import Engine
+
+    eng = Engine.open(os.path.join(workdir, "state"), commit_interval=0.05)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture
+def datapath(engine: object, workdir: str) -> Iterator[object]:
+    from csi_driver.datapath.node import DataPath
+
+    dp = DataPath(engine, os.path.join(workdir, "state"))
+    dp.start()
+    yield dp
+    dp.stop(teardown=True)
