@@ -418,3 +418,27 @@ class DataPath:
         self.last_freeze_window = time.monotonic() - t0
         if mps:
             log.info("froze %d filesystem(s) for %.1f ms", len(mps), self.last_freeze_window * 1000)
+
+    # ------------------------------------------------------------------ csi.backend.NodeBackend names
+
+    def node_stage(self, volume_id: str, staging_path: str, *, block: bool, fs_type: str,
+                   mount_flags: Sequence[str] = (), read_only: bool = False) -> None:
+        self.stage(volume_id, staging_path, block=block, fs_type=fs_type, mount_flags=mount_flags,
+                   read_only=read_only)
+
+    def node_unstage(self, volume_id: str, staging_path: str) -> None:
+        self.unstage(volume_id, staging_path)
+
+    def node_publish(self, volume_id: str, staging_path: str, target_path: str, *, block: bool,
+                     read_only: bool = False, mount_flags: Sequence[str] = ()) -> None:
+        self.publish(volume_id, staging_path, target_path, block=block, read_only=read_only,
+                     mount_flags=mount_flags)
+
+    def node_unpublish(self, volume_id: str, target_path: str) -> None:
+        self.unpublish(volume_id, target_path)
+
+    def node_stats(self, volume_id: str, volume_path: str) -> NodeStats:
+        return self.stats(volume_id, volume_path)
+
+    def node_expand(self, volume_id: str, volume_path: str, required_bytes: int) -> int:
+        return self.expand(volume_id, volume_path, required_bytes)
