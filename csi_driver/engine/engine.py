@@ -600,12 +600,17 @@ class Engine:
             self._maybe_commit()
 
     def flush(self, volume_id: str | None = None) -> None:
-        """Everything written before the call survives a crash once it returns."""
+        """Everything written before the call (to that volume, or to any) survives a crash once it returns."""
         with self._lock:
             self._check_open()
-            if volume_id is not None:
-                self._vol(volume_id)
-            self._flush_all()
+            if volume_id is None:
+                self._flush_all()
+                return
+            v = self._vol(volume_id)
+            self._commit()  # bits and held writes of every volume: one transaction is all there is
+            if v in self._host_dirty:
+                self._host_dirty.discard(v)
+                self._io.fdatasync(self._fd(v))
 
     def _flush_all(self) -> None:
         self._commit()

@@ -116,10 +116,14 @@ def run_workload(eng: Engine, seed: int, world: World, log: list[tuple[str, Worl
                 eng.discard(vid, off, len(data))
             else:
                 eng.write(vid, off, data)
-        elif op == "flush":
+        elif op == "flush" and rng.random() < 0.5:
             step("flush")
             world.flush_all()
             eng.flush()
+        elif op == "flush":
+            step("flush " + vname)  # a flush of one volume makes only its own writes durable
+            world.settle(vname)
+            eng.flush(vid)
         elif op in ("snap", "clone") and len(live) < 8:
             tname = f"{op}{n}"
             step(f"{op} {vname} -> {tname}", {tname})
