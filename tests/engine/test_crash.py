@@ -108,6 +108,7 @@ def run_workload(eng: Engine, seed: int, world: World, log: list[tuple[str, Worl
             elif op == "partial":
                 off = g * GRAIN + rng.randrange(GRAIN - 100)
                 data = bytes([rng.randrange(1, 256)]) * rng.randrange(1, 3000)
+                data = data[: NGRAINS * GRAIN - off]
             else:
                 off, data = g * GRAIN, bytes(GRAIN)
             step(f"{op} {vname}@{off}+{len(data)}")
