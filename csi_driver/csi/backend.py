@@ -14,12 +14,20 @@ Contract for every implementation:
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from csi_driver.engine import errors
 from csi_driver.engine.model import MappingInfo, MappingState, VolumeInfo
+
+if TYPE_CHECKING:
+    from csi_driver.datapath.node import DataPath
+
+log = logging.getLogger("csi_flashcopy.backend")
 
 
 @dataclass(frozen=True)
@@ -141,7 +149,13 @@ class NodeBackend(Protocol):
 
 
 class EmbeddedBackend:
-    """Backend over an Engine in this process (`serve --engine embedded`)."""
+    """Backend (and NodeBackend) over an Engine in this process (`serve --engine embedded`).
+
+    The node side is an in-process DataPath (FUSE export + loop devices), started when first used or at
+    once with `node=True` (serve --mode all|node, so staged volumes are re-adopted before any snapshot).
+    Snapshots pass its quiesce hook to the engine: staged filesystems are frozen, block devices flushed.
+    In this mode the FUSE export lives and dies with the server process.
+    """
 
     #: how far up a cascade of copies we look for a broken ancestor
     MAX_CHAIN = 64
@@ -154,12 +168,63 @@ class EmbeddedBackend:
         assert isinstance(engine, Engine)
         self.engine: Engine = engine
         self._closed = False
+        self._node_mu = threading.Lock()
+        self._datapath: DataPath | None = None
 
     @classmethod
-    def open(cls, state_dir: str) -> EmbeddedBackend:
+    def open(cls, state_dir: str, *, node: bool = False) -> EmbeddedBackend:
         from csi_driver.engine import Engine
 
-        return cls(Engine.open(state_dir))
+        backend = cls(Engine.open(state_dir))
+        if node:
+            try:
+                backend.start_node()
+            except BaseException:
+                backend.close()
+                raise
+        return backend
+
+    # -- node side
+
+    def start_node(self) -> DataPath:
+        """The in-process data path, mounted and re-adopting earlier stagings on first use."""
+        with self._node_mu:
+            if self._closed:
+                raise errors.EngineClosed("the backend is closed")
+            if self._datapath is None:
+                from csi_driver.datapath.node import DataPath
+
+                dp = DataPath(self.engine, self.engine.state_dir)
+                dp.start()
+                self._datapath = dp
+            return self._datapath
+
+    def _quiesce(self, source_ids: list[str]) -> contextlib.AbstractContextManager[None]:
+        # only a started data path can have staged (and so freezable) volumes in this process
+        dp = self._datapath
+        return dp.quiesce(source_ids) if dp is not None else contextlib.nullcontext()
+
+    def node_stage(self, volume_id: str, staging_path: str, *, block: bool, fs_type: str,
+                   mount_flags: Sequence[str], read_only: bool) -> None:
+        self.start_node().node_stage(volume_id, staging_path, block=block, fs_type=fs_type,
+                                     mount_flags=mount_flags, read_only=read_only)
+
+    def node_unstage(self, volume_id: str, staging_path: str) -> None:
+        self.start_node().node_unstage(volume_id, staging_path)
+
+    def node_publish(self, volume_id: str, staging_path: str, target_path: str, *, block: bool,
+                     read_only: bool, mount_flags: Sequence[str]) -> None:
+        self.start_node().node_publish(volume_id, staging_path, target_path, block=block, read_only=read_only,
+                                       mount_flags=mount_flags)
+
+    def node_unpublish(self, volume_id: str, target_path: str) -> None:
+        self.start_node().node_unpublish(volume_id, target_path)
+
+    def node_stats(self, volume_id: str, volume_path: str) -> NodeStats:
+        return self.start_node().node_stats(volume_id, volume_path)  # type: ignore[return-value]
+
+    def node_expand(self, volume_id: str, volume_path: str, required_bytes: int) -> int:
+        return self.start_node().node_expand(volume_id, volume_path, required_bytes)
 
     # -- records
 
@@ -228,11 +293,22 @@ class EmbeddedBackend:
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
+        with self._node_mu:
+            self._closed = True
+            dp, self._datapath = self._datapath, None
         try:
-            self.engine.flush()
+            if dp is not None:
+                staged = dp.staged()
+                if staged:
+                    # the export dies with this process: I/O on these devices fails from now on
+                    log.warning("closing with %d volume(s) still staged: %s", len(staged),
+                                ", ".join(r.volume_id for r in staged))
+                dp.stop()  # before the engine closes: FUSE threads write into it
         finally:
-            self.engine.close()
+            try:
+                self.engine.flush()
+            finally:
+                self.engine.close()
 
     def capacity(self) -> tuple[int, int]:
         return self.engine.capacity()
@@ -262,7 +338,8 @@ class EmbeddedBackend:
 
     def snapshot(self, source_id: str, name: str, *, copy_rate: int, attrs: Mapping[str, str],
                  volume_id: str | None = None) -> Volume:
-        info, _ = self.engine.snapshot(source_id, name, copy_rate=copy_rate, attrs=dict(attrs), volume_id=volume_id)
+        info, _ = self.engine.snapshot(source_id, name, copy_rate=copy_rate, attrs=dict(attrs), volume_id=volume_id,
+                                       quiesce=self._quiesce)
         return self._record(info)
 
     def clone(self, source_id: str, name: str, *, size: int, copy_rate: int, clean_rate: int,
@@ -274,7 +351,7 @@ class EmbeddedBackend:
     def snapshot_group(self, group_name: str, items: Sequence[SnapshotItem], *, copy_rate: int) -> list[Volume]:
         _, pairs = self.engine.snapshot_group(
             [(it.source_id, it.name, dict(it.attrs), it.volume_id) for it in items],
-            group_name=group_name, copy_rate=copy_rate,
+            group_name=group_name, copy_rate=copy_rate, quiesce=self._quiesce,
         )
         return self._records([info for info, _ in pairs])
 

@@ -26,8 +26,16 @@ CONTROLLER_RPCS: tuple[str, ...] = (
     "GET_SNAPSHOT",
 )
 GROUP_CONTROLLER_RPCS: tuple[str, ...] = ("CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT",)
-# Node capabilities arrive with the node data path (stage/publish, stats, expansion).
-NODE_RPCS: tuple[str, ...] = ()
+# Node capabilities (csi_driver/csi/node.py over the NodeBackend data path). SINGLE_NODE_MULTI_WRITER: every
+# publish of a staged volume binds the same loop device / filesystem, so several writers on this node share it,
+# and SINGLE_NODE_SINGLE_WRITER is a CO-side (kubelet ReadWriteOncePod) restriction of the same path.
+NODE_RPCS: tuple[str, ...] = (
+    "STAGE_UNSTAGE_VOLUME",
+    "GET_VOLUME_STATS",
+    "EXPAND_VOLUME",
+    "VOLUME_CONDITION",
+    "SINGLE_NODE_MULTI_WRITER",
+)
 
 # Volumes live on one node: any single-node access mode works, multi-node ones cannot.
 ACCESS_MODES: tuple[str, ...] = (

@@ -157,6 +157,19 @@ class DataPath:
                 return lo.device
         return None
 
+    def _our_mount(self, path: str, volume_id: str) -> bool:
+        """True when the top mount at path is this volume's loop device (its filesystem or a device bind).
+
+        Used where no record vouches for a path: the CSI request could name any mount on the host.
+        """
+        dev = self._live_loop(volume_id)
+        found = privileged.mounts_at(path)
+        if dev is None or not found:
+            return False
+        rdev = os.stat(dev).st_rdev
+        top = found[-1]
+        return top.major_minor == f"{os.major(rdev)}:{os.minor(rdev)}" or top.root == "/" + os.path.basename(dev)
+
     def _export_alive(self, volume_id: str) -> bool:
         try:
             os.stat(self._export_path(volume_id))
@@ -243,7 +256,9 @@ class DataPath:
         with self._lock:
             rec = self._records.items.get(volume_id)
             if rec is None:
-                rec = StageRecord(volume_id, staging_path, block=False, fs_type="", read_only=False)
+                # no record (never staged, or a crash before it was saved): unmount only what is ours
+                owned = self._our_mount(staging_path, volume_id)
+                rec = StageRecord(volume_id, staging_path if owned else "", block=False, fs_type="", read_only=False)
             elif rec.staging_path != staging_path:
                 raise errors.InvalidArgument(
                     f"volume {volume_id} is staged at {rec.staging_path}, not {staging_path}")
@@ -261,7 +276,7 @@ class DataPath:
             with errs.step(f"unpublish {target}"):
                 self._unpublish_path(target)
                 rec.publishes.pop(target, None)
-        if os.path.isdir(rec.staging_path) or privileged.is_mountpoint(rec.staging_path):
+        if rec.staging_path and (os.path.isdir(rec.staging_path) or privileged.is_mountpoint(rec.staging_path)):
             with errs.step(f"unmount {rec.staging_path}"):
                 privileged.umount(rec.staging_path)
         with errs.step("detach loop"):
@@ -318,9 +333,12 @@ class DataPath:
     def unpublish(self, volume_id: str, target_path: str) -> None:
         target_path = os.path.abspath(target_path)
         with self._lock:
-            self._unpublish_path(target_path)
             rec = self._records.items.get(volume_id)
-            if rec is not None and target_path in rec.publishes:
+            recorded = rec is not None and target_path in rec.publishes
+            # unrecorded: a crash between mount and record, or a path that was never ours (leave it alone)
+            if recorded or self._our_mount(target_path, volume_id):
+                self._unpublish_path(target_path)
+            if rec is not None and recorded:
                 del rec.publishes[target_path]
                 self._records.save()
 

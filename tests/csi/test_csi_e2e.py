@@ -52,7 +52,8 @@ def test_capabilities(server: CsiServer) -> None:
     assert [c.rpc.type for c in gcaps.capabilities] == [
         csi_pb2.GroupControllerServiceCapability.RPC.CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT]
     ncaps = server.node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest())
-    assert list(ncaps.capabilities) == []
+    assert {csi_pb2.NodeServiceCapability.RPC.Type.Name(c.rpc.type) for c in ncaps.capabilities} == {
+        "STAGE_UNSTAGE_VOLUME", "GET_VOLUME_STATS", "EXPAND_VOLUME", "VOLUME_CONDITION", "SINGLE_NODE_MULTI_WRITER"}
 
 
 def test_node_get_info(server: CsiServer) -> None:
@@ -67,8 +68,6 @@ def test_not_advertised_rpcs_are_unimplemented(server: CsiServer) -> None:
     assert rpc_code(server.controller.ControllerPublishVolume, req) == C.UNIMPLEMENTED
     assert rpc_code(server.controller.ControllerModifyVolume,
                     csi_pb2.ControllerModifyVolumeRequest(volume_id="vol-x")) == C.UNIMPLEMENTED
-    assert rpc_code(server.node.NodeStageVolume, csi_pb2.NodeStageVolumeRequest(volume_id="vol-x")) \
-        == C.UNIMPLEMENTED
 
 
 # ---------------------------------------------------------------------------------------------- CreateVolume
@@ -492,7 +491,7 @@ def test_group_snapshot_errors(server: CsiServer) -> None:
         group_snapshot_id="fake-vol-id")) == C.OK
 
 
-def test_node_unpublish_placeholder(server: CsiServer) -> None:
+def test_node_unpublish_nothing_published(server: CsiServer) -> None:
     assert rpc_code(server.node.NodeUnpublishVolume, csi_pb2.NodeUnpublishVolumeRequest(
         volume_id="vol-x", target_path="/tmp/nothing-here")) == C.OK
     assert rpc_code(server.node.NodeUnpublishVolume, csi_pb2.NodeUnpublishVolumeRequest(

@@ -215,9 +215,11 @@ NODE_METHODS = {
     "STAGE_UNSTAGE_VOLUME": ("NodeStageVolume", "NodeUnstageVolume"),
     "GET_VOLUME_STATS": ("NodeGetVolumeStats",),
     "EXPAND_VOLUME": ("NodeExpandVolume",),
+    "VOLUME_CONDITION": ("NodeGetVolumeStats",),
+    "SINGLE_NODE_MULTI_WRITER": ("NodePublishVolume",),
 }
-# NodePublish/NodeUnpublish are not capability-gated; Unpublish answers "nothing published" until stage/publish
-NODE_ALWAYS = {"NodeGetInfo", "NodeGetCapabilities", "NodeUnpublishVolume"}
+# NodePublish/NodeUnpublish are not capability-gated: every node plugin answers them
+NODE_ALWAYS = {"NodeGetInfo", "NodeGetCapabilities", "NodePublishVolume", "NodeUnpublishVolume"}
 
 
 def _implemented(cls: type, base: type) -> set[str]:
@@ -244,6 +246,8 @@ def test_group_and_node_capabilities_match_implementation() -> None:
     assert [c.rpc.type for c in s.group_controller_capabilities()] == [
         csi_pb2.GroupControllerServiceCapability.RPC.CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT]
     node_adv = {csi_pb2.NodeServiceCapability.RPC.Type.Name(c.rpc.type) for c in s.node_capabilities()}
+    assert node_adv == {"STAGE_UNSTAGE_VOLUME", "GET_VOLUME_STATS", "EXPAND_VOLUME", "VOLUME_CONDITION",
+                        "SINGLE_NODE_MULTI_WRITER"}
     implemented = _implemented(NodeServicer, csi_pb2_grpc.NodeServicer)
     assert implemented == {m for cap in node_adv for m in NODE_METHODS.get(cap, ())} | NODE_ALWAYS
 
