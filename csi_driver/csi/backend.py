@@ -135,7 +135,8 @@ class NodeBackend(Protocol):
     def node_unstage(self, volume_id: str, staging_path: str) -> None: ...
 
     def node_publish(self, volume_id: str, staging_path: str, target_path: str, *, block: bool,
-                     read_only: bool, mount_flags: Sequence[str]) -> None: ...
+                     read_only: bool, mount_flags: Sequence[str], single_writer: bool = False) -> None:
+        """single_writer (SINGLE_NODE_SINGLE_WRITER): InvalidState if published at another target already."""
 
     def node_unpublish(self, volume_id: str, target_path: str) -> None: ...
 
@@ -213,9 +214,9 @@ class EmbeddedBackend:
         self.start_node().node_unstage(volume_id, staging_path)
 
     def node_publish(self, volume_id: str, staging_path: str, target_path: str, *, block: bool,
-                     read_only: bool, mount_flags: Sequence[str]) -> None:
+                     read_only: bool, mount_flags: Sequence[str], single_writer: bool = False) -> None:
         self.start_node().node_publish(volume_id, staging_path, target_path, block=block, read_only=read_only,
-                                       mount_flags=mount_flags)
+                                       mount_flags=mount_flags, single_writer=single_writer)
 
     def node_unpublish(self, volume_id: str, target_path: str) -> None:
         self.start_node().node_unpublish(volume_id, target_path)

@@ -19,7 +19,7 @@ import grpc
 
 from csi_driver.csi.backend import NodeBackend
 from csi_driver.csi.driver import Driver
-from csi_driver.csi.errors import CsiError, failed_precondition, invalid
+from csi_driver.csi.errors import CsiError, failed_precondition, invalid, not_found
 from csi_driver.csi.validation import MODE, capacity_range, check_capability_shape, require_id, unsupported_reason
 from csi_driver.proto_gen import csi_pb2, csi_pb2_grpc
 
@@ -44,6 +44,16 @@ def require_path(value: str, field: str) -> str:
     if path == "/":
         raise invalid(field, "must not be the root directory")
     return path
+
+
+def volume_path(value: str, field: str) -> str | None:
+    """A path to look a volume up at: required, but one that cannot be ours is simply not found (None)."""
+    if not value:
+        raise invalid(field, "required")
+    try:
+        return require_path(value, field)
+    except CsiError:
+        return None
 
 
 def require_capability(cap: csi_pb2.VolumeCapability, has: bool, driver: Driver,
@@ -135,7 +145,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         block = cap.WhichOneof("access_type") == "block"
         read_only = request.readonly or cap.access_mode.mode in READ_ONLY_MODES
         with self.driver.locks.hold(f"node-volume:{vid}"):
-            node.node_publish(vid, staging, target, block=block, read_only=read_only, mount_flags=flags)
+            node.node_publish(vid, staging, target, block=block, read_only=read_only, mount_flags=flags,
+                              single_writer=cap.access_mode.mode == MODE.SINGLE_NODE_SINGLE_WRITER)
         return csi_pb2.NodePublishVolumeResponse()
 
     def NodeUnpublishVolume(self, request: csi_pb2.NodeUnpublishVolumeRequest, context: grpc.ServicerContext
@@ -152,10 +163,11 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     def NodeGetVolumeStats(self, request: csi_pb2.NodeGetVolumeStatsRequest, context: grpc.ServicerContext
                            ) -> csi_pb2.NodeGetVolumeStatsResponse:
         vid = require_id(request.volume_id, "volume_id")
-        path = require_path(request.volume_path, "volume_path")
-        if request.staging_target_path:
-            require_path(request.staging_target_path, "staging_target_path")
-        st = self._node().node_stats(vid, path)  # NOT_FOUND: unknown volume, or nothing of it at path
+        path = volume_path(request.volume_path, "volume_path")
+        node = self._node()
+        if path is None:
+            raise not_found(f"volume {vid} is not staged or published at {request.volume_path[:200]!r}")
+        st = node.node_stats(vid, path)  # NOT_FOUND: unknown volume, or nothing of it at path
         unit = csi_pb2.VolumeUsage.Unit
         usage = [csi_pb2.VolumeUsage(unit=unit.BYTES, total=st.total_bytes, used=st.used_bytes,
                                      available=st.available_bytes)]
@@ -170,13 +182,13 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     def NodeExpandVolume(self, request: csi_pb2.NodeExpandVolumeRequest, context: grpc.ServicerContext
                          ) -> csi_pb2.NodeExpandVolumeResponse:
         vid = require_id(request.volume_id, "volume_id")
-        path = require_path(request.volume_path, "volume_path")
-        if request.staging_target_path:
-            require_path(request.staging_target_path, "staging_target_path")
+        path = volume_path(request.volume_path, "volume_path")
         required, limit = capacity_range(request.capacity_range)
         if request.HasField("volume_capability"):
             require_capability(request.volume_capability, True, self.driver)
         node = self._node()
+        if path is None:
+            raise not_found(f"volume {vid} is not staged or published at {request.volume_path[:200]!r}")
         with self.driver.locks.hold(f"node-volume:{vid}"):
             capacity = node.node_expand(vid, path, required)
         if limit and capacity > limit:

@@ -157,6 +157,24 @@ class DataPath:
                 return lo.device
         return None
 
+    def _dead_loop(self, rec: StageRecord) -> str | None:
+        """The recorded loop device when it still sits on a previous engine process's export.
+
+        Its FUSE connection died with that process, so every I/O fails (EIO). Once the new export is mounted,
+        the dead mount is detached and the kernel names the backing file "/<volume id>" (outside any mount).
+        """
+        if not rec.loop_device:
+            return None
+        name = os.path.basename(rec.loop_device)
+        try:
+            with open(f"/sys/block/{name}/loop/backing_file") as f:
+                backing = f.read().rstrip("\n").removesuffix(" (deleted)")
+        except OSError:
+            return None  # detached
+        if backing == self._export_path(rec.volume_id):
+            return None  # on the live export
+        return rec.loop_device if backing == "/" + rec.volume_id else None
+
     def _our_mount(self, path: str, volume_id: str) -> bool:
         """True when the top mount at path is this volume's loop device (its filesystem or a device bind).
 
@@ -214,6 +232,9 @@ class DataPath:
 
     def _setup(self, rec: StageRecord, size: int) -> None:
         vid = rec.volume_id
+        dead = self._dead_loop(rec)
+        if dead is not None:
+            self._drop_dead(rec, dead)
         dev = self._live_loop(vid)
         if dev is not None and not self._export_alive(vid):
             raise errors.InvalidState(
@@ -248,6 +269,20 @@ class DataPath:
         if found == "xfs" and not rec.read_only:
             privileged.resize_filesystem(dev, rec.staging_path, "xfs")  # xfs grows only mounted; no-op if full
 
+    def _drop_dead(self, rec: StageRecord, dead: str) -> None:
+        """Staging again after an engine restart: take down the staging mount on the dead loop device, so
+        a fresh loop device on the new export replaces it (the filesystem's journal replays on mount)."""
+        busy = [t for t in rec.publishes if privileged.is_mountpoint(t)]
+        if busy:
+            raise errors.InvalidState(
+                f"volume {rec.volume_id} lost its engine connection (the engine process restarted) and is "
+                f"still published at {', '.join(busy)}: unpublish it, then stage it again")
+        log.warning("volume %s: replacing loop device %s left on a dead export", rec.volume_id, dead)
+        if not rec.block and privileged.is_mountpoint(rec.staging_path):
+            privileged.umount(rec.staging_path)
+        privileged.detach_loop(dead)
+        rec.loop_device = ""
+
     # ------------------------------------------------------------------ unstage
 
     def unstage(self, volume_id: str, staging_path: str) -> None:
@@ -280,9 +315,9 @@ class DataPath:
             with errs.step(f"unmount {rec.staging_path}"):
                 privileged.umount(rec.staging_path)
         with errs.step("detach loop"):
-            dev = self._live_loop(rec.volume_id)
-            if dev is not None:
-                privileged.detach_loop(dev)
+            for dev in (self._live_loop(rec.volume_id), self._dead_loop(rec)):
+                if dev is not None:
+                    privileged.detach_loop(dev)
         errs.raise_any()
         # only now: removing the export under a still-attached loop device would fail its I/O
         self.export.remove(rec.volume_id)
@@ -290,7 +325,7 @@ class DataPath:
     # ------------------------------------------------------------------ publish
 
     def publish(self, volume_id: str, staging_path: str, target_path: str, *, block: bool,
-                read_only: bool = False, mount_flags: Sequence[str] = ()) -> None:
+                read_only: bool = False, mount_flags: Sequence[str] = (), single_writer: bool = False) -> None:
         staging_path = os.path.abspath(staging_path)
         target_path = os.path.abspath(target_path)
         with self._lock:
@@ -308,6 +343,13 @@ class DataPath:
                     f"{target_path} is already published with read_only={prev}")
             if rec.read_only and not read_only:
                 raise errors.InvalidState(f"volume {volume_id} is staged read-only")
+            others = sorted(t for t in rec.publishes if t != target_path)
+            if single_writer and others:
+                raise errors.InvalidState(
+                    f"volume {volume_id} has a single-writer access mode and is already published at {others[0]}")
+            if self._dead_loop(rec) is not None:
+                raise errors.InvalidState(
+                    f"volume {volume_id} lost its engine connection (the engine process restarted): stage it again")
             dev = rec.loop_device or self._live_loop(volume_id)
             if dev is None:
                 raise errors.InvalidState(f"volume {volume_id}: no loop device (stage it again)")
@@ -385,6 +427,9 @@ class DataPath:
             return True, f"volume is {vol.status}: {vol.error}"
         if not self._export_alive(rec.volume_id):
             return True, "the engine export of this volume is gone (engine process restarted?)"
+        if self._dead_loop(rec) is not None:
+            return True, ("the node engine process restarted: I/O to this volume fails until it is "
+                          "unpublished and staged again")
         dev = self._live_loop(rec.volume_id)
         if dev is None:
             return True, "no loop device attached"
@@ -419,6 +464,7 @@ class DataPath:
     def _quiesce(self, source_ids: list[str]) -> Iterator[None]:
         with self._lock:
             recs = [self._records.items[s] for s in source_ids if s in self._records.items]
+        recs = [r for r in recs if self._dead_loop(r) is None]  # nothing to freeze or flush on a dead device
         mps = [r.staging_path for r in recs
                if not r.block and not r.read_only and privileged.is_mountpoint(r.staging_path)]
         for r in recs:
@@ -448,9 +494,9 @@ class DataPath:
         self.unstage(volume_id, staging_path)
 
     def node_publish(self, volume_id: str, staging_path: str, target_path: str, *, block: bool,
-                     read_only: bool = False, mount_flags: Sequence[str] = ()) -> None:
+                     read_only: bool = False, mount_flags: Sequence[str] = (), single_writer: bool = False) -> None:
         self.publish(volume_id, staging_path, target_path, block=block, read_only=read_only,
-                     mount_flags=mount_flags)
+                     mount_flags=mount_flags, single_writer=single_writer)
 
     def node_unpublish(self, volume_id: str, target_path: str) -> None:
         self.unpublish(volume_id, target_path)
