@@ -113,8 +113,8 @@ class FuseExport:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, timeout: float = 10.0) -> None:
+        clear_stale_mount(self.mount_point)  # first: a dead mount makes the directory unusable (ENOTCONN)
         os.makedirs(self.mount_point, exist_ok=True)
-        clear_stale_mount(self.mount_point)
         self._thread = threading.Thread(target=self._serve, name=f"fuse:{self.mount_point}", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout

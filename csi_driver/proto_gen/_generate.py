@@ -1,4 +1,4 @@
-"""Regenerate the committed stubs: `python -m csi_driver.proto_gen._generate [name ...]` (default: csi).
+"""Regenerate the committed stubs: `python -m csi_driver.proto_gen._generate [name ...]` (default: csi engine).
 
 The proto file is mapped to the virtual path csi_driver/proto_gen/<name>.proto so that the generated
 modules import each other as `csi_driver.proto_gen.<name>_pb2` (plain protoc output would use a top-level
@@ -13,6 +13,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE_DIR = "csi_driver/proto_gen"
+PROTOS = ("csi", "engine")
 
 
 def generate(name: str, out_root: Path, proto_dir: Path = REPO / "proto") -> list[Path]:
@@ -37,6 +38,6 @@ def generate(name: str, out_root: Path, proto_dir: Path = REPO / "proto") -> lis
 
 
 if __name__ == "__main__":
-    for proto in sys.argv[1:] or ["csi"]:
+    for proto in sys.argv[1:] or list(PROTOS):
         for path in generate(proto, REPO):
             print(path.relative_to(REPO))

@@ -1,0 +1,306 @@
+"""`csi-flashcopy engine`: the node engine process. Owns the engine, the FUSE export and this node's staged
+volumes; serves proto/engine.proto on a unix socket to `csi-flashcopy serve`.
+
+Start-up: open the engine (waiting while a previous engine process still holds the state dir), start the
+data path (mount the FUSE export, re-adopt the volumes the staging records name), then bind the socket
+(0600, a stale one replaced). The socket answering therefore means ready.
+
+Restarts. The CSI server can restart at will: the kernel side (loop devices, mounts) hangs off this process,
+so I/O goes on. This process cannot hand its FUSE connection to a successor, so when it stops (SIGTERM) or
+dies, I/O on staged volumes fails with EIO: nothing is acknowledged that the engine did not take. On SIGTERM
+it stops serving, flushes and closes the engine, and KEEPS staged volumes' loop devices and mounts: tearing
+them down would pull filesystems from under running pods, and kubelet still believes they are staged. The
+next engine process re-adopts the staging records: stats report the volume abnormal, unstage cleans up the
+dead loop device and mounts, and staging again (kubelet does, when the pod is recreated) builds a fresh
+loop device on the new export; the filesystem's journal replays, and flushed data is all there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import grpc
+
+from csi_driver import __version__
+from csi_driver.csi.backend import EmbeddedBackend, SnapshotItem, Volume
+from csi_driver.datapath import wire
+from csi_driver.datapath.node import DataPath
+from csi_driver.engine import errors
+from csi_driver.proto_gen import engine_pb2 as pb
+from csi_driver.proto_gen import engine_pb2_grpc as pb_grpc
+
+log = logging.getLogger("csi_flashcopy.engine")
+
+LOCK_WAIT_SECONDS = 30.0  # a predecessor (rolling restart) may still be flushing
+GRACE_SECONDS = 10.0
+MAX_WORKERS = 16
+
+T = TypeVar("T")
+
+
+def default_endpoint(state_dir: str) -> str:
+    return f"unix://{os.path.abspath(state_dir)}/engine.sock"
+
+
+def socket_path(endpoint: str) -> str:
+    """The unix socket path of an engine endpoint (only unix sockets: the API is node-local)."""
+    from csi_driver.server import parse_endpoint
+
+    kind, addr = parse_endpoint(endpoint)
+    if kind != "unix":
+        raise ValueError(f"the engine endpoint must be a unix socket, not {endpoint!r}")
+    return addr
+
+
+def volume_msg(v: Volume) -> pb.Volume:
+    msg = pb.Volume(id=v.id, name=v.name, size=v.size, grain_size=v.grain_size, attrs=dict(v.attrs),
+                    created_at=v.created_at, condition=v.condition, copy_progress=v.copy_progress,
+                    allocated_bytes=v.allocated_bytes)
+    if v.source_id is not None:
+        msg.source_id = v.source_id
+    return msg
+
+
+def _opt(msg: Any, name: str) -> str | None:
+    return getattr(msg, name) if msg.HasField(name) else None
+
+
+class EngineService(pb_grpc.EngineServicer):
+    """engine.proto over an EmbeddedBackend whose node side (DataPath) is started: its snapshots freeze the
+    sources staged on this node. Errors leave as status code + class name."""
+
+    def __init__(self, backend: EmbeddedBackend, state_dir: str) -> None:
+        self.b = backend
+        self.dp = backend.start_node()
+        self.state_dir = state_dir
+
+    def _do(self, context: grpc.ServicerContext, method: str, fn: Callable[[], T]) -> T:
+        t0 = time.monotonic()
+        try:
+            result = fn()
+        except Exception as e:
+            code, msg, cls = wire.encode(e)
+            level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO
+            log.log(level, "call failed", exc_info=code == grpc.StatusCode.INTERNAL, extra={"fields": {
+                "method": method, "code": code.name, "error": msg}})
+            context.set_trailing_metadata(((wire.ERROR_KEY, cls),))
+            context.abort(code, msg)
+        log.debug("call", extra={"fields": {"method": method, "ms": round((time.monotonic() - t0) * 1000, 1)}})
+        return result
+
+    # -- engine
+
+    def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingResponse:
+        return pb.PingResponse(pid=os.getpid(), version=__version__, state_dir=self.state_dir)
+
+    def Capacity(self, request: pb.CapacityRequest, context: grpc.ServicerContext) -> pb.CapacityResponse:
+        total, free = self._do(context, "Capacity", self.b.capacity)
+        return pb.CapacityResponse(total_bytes=total, free_bytes=free)
+
+    def CreateVolume(self, request: pb.CreateVolumeRequest, context: grpc.ServicerContext) -> pb.VolumeResponse:
+        v = self._do(context, "CreateVolume", lambda: self.b.create_volume(
+            request.name, request.size, grain_size=request.grain_size, attrs=dict(request.attrs),
+            volume_id=_opt(request, "volume_id")))
+        return pb.VolumeResponse(volume=volume_msg(v))
+
+    def GetVolume(self, request: pb.GetVolumeRequest, context: grpc.ServicerContext) -> pb.VolumeResponse:
+        v = self._do(context, "GetVolume", lambda: self.b.get_volume(request.volume_id))
+        return pb.VolumeResponse(volume=volume_msg(v))
+
+    def FindVolume(self, request: pb.FindVolumeRequest, context: grpc.ServicerContext) -> pb.FindVolumeResponse:
+        v = self._do(context, "FindVolume", lambda: self.b.find_volume(request.name))
+        return pb.FindVolumeResponse(volume=volume_msg(v)) if v is not None else pb.FindVolumeResponse()
+
+    def FindVolumes(self, request: pb.FindVolumesRequest, context: grpc.ServicerContext) -> pb.VolumesResponse:
+        vs = self._do(context, "FindVolumes", lambda: self.b.find_volumes(dict(request.attrs)))
+        return pb.VolumesResponse(volumes=[volume_msg(v) for v in vs])
+
+    def DeleteVolume(self, request: pb.DeleteVolumeRequest, context: grpc.ServicerContext) -> pb.Empty:
+        self._do(context, "DeleteVolume", lambda: self.b.delete_volume(request.volume_id))
+        return pb.Empty()
+
+    def ResizeVolume(self, request: pb.ResizeVolumeRequest, context: grpc.ServicerContext) -> pb.VolumeResponse:
+        v = self._do(context, "ResizeVolume", lambda: self.b.resize_volume(request.volume_id, request.new_size))
+        return pb.VolumeResponse(volume=volume_msg(v))
+
+    def Snapshot(self, request: pb.SnapshotRequest, context: grpc.ServicerContext) -> pb.VolumeResponse:
+        v = self._do(context, "Snapshot", lambda: self.b.snapshot(
+            request.source_id, request.name, copy_rate=request.copy_rate, attrs=dict(request.attrs),
+            volume_id=_opt(request, "volume_id")))
+        return pb.VolumeResponse(volume=volume_msg(v))
+
+    def Clone(self, request: pb.CloneRequest, context: grpc.ServicerContext) -> pb.VolumeResponse:
+        v = self._do(context, "Clone", lambda: self.b.clone(
+            request.source_id, request.name, size=request.size, copy_rate=request.copy_rate,
+            clean_rate=request.clean_rate, attrs=dict(request.attrs), volume_id=_opt(request, "volume_id")))
+        return pb.VolumeResponse(volume=volume_msg(v))
+
+    def SnapshotGroup(self, request: pb.SnapshotGroupRequest, context: grpc.ServicerContext
+                      ) -> pb.VolumesResponse:
+        items = [SnapshotItem(source_id=it.source_id, name=it.name, attrs=dict(it.attrs),
+                              volume_id=_opt(it, "volume_id")) for it in request.items]
+        vs = self._do(context, "SnapshotGroup", lambda: self.b.snapshot_group(
+            request.group_name, items, copy_rate=request.copy_rate))
+        return pb.VolumesResponse(volumes=[volume_msg(v) for v in vs])
+
+    def DeleteGroup(self, request: pb.DeleteGroupRequest, context: grpc.ServicerContext) -> pb.Empty:
+        self._do(context, "DeleteGroup", lambda: self.b.delete_group(request.group_name))
+        return pb.Empty()
+
+    # -- node data path
+
+    def NodeStage(self, request: pb.NodeStageRequest, context: grpc.ServicerContext) -> pb.Empty:
+        self._do(context, "NodeStage", lambda: self.dp.node_stage(
+            request.volume_id, request.staging_path, block=request.block, fs_type=request.fs_type,
+            mount_flags=list(request.mount_flags), read_only=request.read_only))
+        return pb.Empty()
+
+    def NodeUnstage(self, request: pb.NodeUnstageRequest, context: grpc.ServicerContext) -> pb.Empty:
+        self._do(context, "NodeUnstage", lambda: self.dp.node_unstage(request.volume_id, request.staging_path))
+        return pb.Empty()
+
+    def NodePublish(self, request: pb.NodePublishRequest, context: grpc.ServicerContext) -> pb.Empty:
+        self._do(context, "NodePublish", lambda: self.dp.node_publish(
+            request.volume_id, request.staging_path, request.target_path, block=request.block,
+            read_only=request.read_only, mount_flags=list(request.mount_flags)))
+        return pb.Empty()
+
+    def NodeUnpublish(self, request: pb.NodeUnpublishRequest, context: grpc.ServicerContext) -> pb.Empty:
+        self._do(context, "NodeUnpublish", lambda: self.dp.node_unpublish(request.volume_id, request.target_path))
+        return pb.Empty()
+
+    def NodeStats(self, request: pb.NodeStatsRequest, context: grpc.ServicerContext) -> pb.NodeStatsResponse:
+        s = self._do(context, "NodeStats", lambda: self.dp.node_stats(request.volume_id, request.volume_path))
+        return pb.NodeStatsResponse(
+            block=s.block, total_bytes=s.total_bytes, used_bytes=s.used_bytes, available_bytes=s.available_bytes,
+            total_inodes=s.total_inodes, used_inodes=s.used_inodes, available_inodes=s.available_inodes,
+            abnormal=s.abnormal, message=s.message)
+
+    def NodeExpand(self, request: pb.NodeExpandRequest, context: grpc.ServicerContext) -> pb.NodeExpandResponse:
+        cap = self._do(context, "NodeExpand", lambda: self.dp.node_expand(
+            request.volume_id, request.volume_path, request.required_bytes))
+        return pb.NodeExpandResponse(capacity_bytes=cap)
+
+
+@contextlib.contextmanager
+def _signals(stop: threading.Event) -> Iterator[None]:
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _open_backend(state_dir: str, stop: threading.Event) -> EmbeddedBackend:
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        try:
+            return EmbeddedBackend.open(state_dir)
+        except errors.EngineLocked as e:
+            if stop.is_set() or time.monotonic() > deadline:
+                raise
+            log.warning("state dir busy, retrying", extra={"fields": {"error": str(e)}})
+            stop.wait(0.5)
+
+
+def _bind(server: grpc.Server, path: str) -> None:
+    from csi_driver.server import prepare_socket_path
+
+    prepare_socket_path(path)  # a live socket is refused: another engine serves this node
+    old = os.umask(0o177)  # born 0600
+    try:
+        if server.add_insecure_port(f"unix:{path}") == 0:
+            raise RuntimeError(f"cannot bind unix socket {path}")
+    finally:
+        os.umask(old)
+
+
+def run_engine(args: argparse.Namespace) -> int:
+    from csi_driver.csi.logs import configure_logging
+
+    configure_logging(getattr(args, "log_format", "text"), getattr(args, "log_level", "info"))
+    state_dir = os.path.abspath(args.state_dir)
+    endpoint = getattr(args, "endpoint", "") or default_endpoint(state_dir)
+    try:
+        path = socket_path(endpoint)
+    except ValueError as e:
+        log.error("cannot serve", extra={"fields": {"error": str(e)}})
+        return 2
+    os.makedirs(state_dir, exist_ok=True)
+    stop = threading.Event()
+    with _signals(stop):
+        try:
+            backend = _open_backend(state_dir, stop)
+        except errors.EngineLocked as e:
+            log.error("another engine process holds the state dir", extra={"fields": {"error": str(e)}})
+            return 1
+        engine = backend.engine
+        try:
+            # mounts the FUSE export (clearing a dead predecessor's) and re-adopts the staging records
+            datapath = backend.start_node()
+        except Exception:
+            log.exception("data path failed to start")
+            engine.close()
+            return 1
+        server = grpc.server(ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="engine-rpc"),
+                             options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_EngineServicer_to_server(EngineService(backend, state_dir), server)
+        try:
+            _bind(server, path)
+        except (RuntimeError, OSError) as e:
+            log.error("cannot listen", extra={"fields": {"endpoint": endpoint, "error": str(e)}})
+            datapath.stop()
+            engine.close()
+            return 1
+        server.start()
+        os.chmod(path, 0o600)
+        staged = datapath.staged()
+        log.info("engine serving", extra={"fields": {
+            "endpoint": endpoint, "state_dir": state_dir, "pid": os.getpid(), "version": __version__,
+            "readopted": ",".join(r.volume_id for r in staged) or "-"}})
+        while not stop.wait(1.0):
+            pass
+        log.info("shutting down: draining in-flight calls")
+        server.stop(GRACE_SECONDS).wait()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    return _shutdown(engine, datapath)
+
+
+def _shutdown(engine: Any, datapath: DataPath) -> int:
+    code = 0
+    staged = datapath.staged()
+    try:
+        engine.flush()
+        engine.close()  # FUSE requests arriving from now on fail with EIO (EngineClosed)
+    except Exception:
+        log.exception("engine close failed")
+        code = 1
+    if not staged:
+        datapath.stop()
+        log.info("stopped", extra={"fields": {"exit_code": code}})
+        return code
+    # Staged volumes keep their loop devices and mounts (see the module doc). Their loop devices hold the
+    # FUSE connection open, so the FUSE loop cannot end: detach the mount from the namespace and leave the
+    # process without waiting for it; the kernel aborts the connection when /dev/fuse closes (I/O -> EIO).
+    from csi_driver.datapath import privileged
+
+    with contextlib.suppress(Exception):
+        privileged.umount(datapath.export.mount_point, lazy=True)
+    log.info("stopped with volumes still staged; their I/O fails until they are staged again",
+             extra={"fields": {"exit_code": code, "staged": ",".join(r.volume_id for r in staged)}})
+    logging.shutdown()
+    os._exit(code)

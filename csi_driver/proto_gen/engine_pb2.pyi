@@ -1,0 +1,321 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Empty(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PingRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PingResponse(_message.Message):
+    __slots__ = ("pid", "version", "state_dir")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_DIR_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    version: str
+    state_dir: str
+    def __init__(self, pid: _Optional[int] = ..., version: _Optional[str] = ..., state_dir: _Optional[str] = ...) -> None: ...
+
+class CapacityRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CapacityResponse(_message.Message):
+    __slots__ = ("total_bytes", "free_bytes")
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    total_bytes: int
+    free_bytes: int
+    def __init__(self, total_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ...) -> None: ...
+
+class Volume(_message.Message):
+    __slots__ = ("id", "name", "size", "grain_size", "attrs", "created_at", "condition", "source_id", "copy_progress", "allocated_bytes")
+    class AttrsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    GRAIN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ATTRS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    CONDITION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_ID_FIELD_NUMBER: _ClassVar[int]
+    COPY_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    size: int
+    grain_size: int
+    attrs: _containers.ScalarMap[str, str]
+    created_at: float
+    condition: str
+    source_id: str
+    copy_progress: float
+    allocated_bytes: int
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., size: _Optional[int] = ..., grain_size: _Optional[int] = ..., attrs: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[float] = ..., condition: _Optional[str] = ..., source_id: _Optional[str] = ..., copy_progress: _Optional[float] = ..., allocated_bytes: _Optional[int] = ...) -> None: ...
+
+class VolumeResponse(_message.Message):
+    __slots__ = ("volume",)
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    volume: Volume
+    def __init__(self, volume: _Optional[_Union[Volume, _Mapping]] = ...) -> None: ...
+
+class VolumesResponse(_message.Message):
+    __slots__ = ("volumes",)
+    VOLUMES_FIELD_NUMBER: _ClassVar[int]
+    volumes: _containers.RepeatedCompositeFieldContainer[Volume]
+    def __init__(self, volumes: _Optional[_Iterable[_Union[Volume, _Mapping]]] = ...) -> None: ...
+
+class CreateVolumeRequest(_message.Message):
+    __slots__ = ("name", "size", "grain_size", "attrs", "volume_id")
+    class AttrsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    GRAIN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ATTRS_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    size: int
+    grain_size: int
+    attrs: _containers.ScalarMap[str, str]
+    volume_id: str
+    def __init__(self, name: _Optional[str] = ..., size: _Optional[int] = ..., grain_size: _Optional[int] = ..., attrs: _Optional[_Mapping[str, str]] = ..., volume_id: _Optional[str] = ...) -> None: ...
+
+class GetVolumeRequest(_message.Message):
+    __slots__ = ("volume_id",)
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    def __init__(self, volume_id: _Optional[str] = ...) -> None: ...
+
+class FindVolumeRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class FindVolumeResponse(_message.Message):
+    __slots__ = ("volume",)
+    VOLUME_FIELD_NUMBER: _ClassVar[int]
+    volume: Volume
+    def __init__(self, volume: _Optional[_Union[Volume, _Mapping]] = ...) -> None: ...
+
+class FindVolumesRequest(_message.Message):
+    __slots__ = ("attrs",)
+    class AttrsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ATTRS_FIELD_NUMBER: _ClassVar[int]
+    attrs: _containers.ScalarMap[str, str]
+    def __init__(self, attrs: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class DeleteVolumeRequest(_message.Message):
+    __slots__ = ("volume_id",)
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    def __init__(self, volume_id: _Optional[str] = ...) -> None: ...
+
+class ResizeVolumeRequest(_message.Message):
+    __slots__ = ("volume_id", "new_size")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    NEW_SIZE_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    new_size: int
+    def __init__(self, volume_id: _Optional[str] = ..., new_size: _Optional[int] = ...) -> None: ...
+
+class SnapshotRequest(_message.Message):
+    __slots__ = ("source_id", "name", "copy_rate", "attrs", "volume_id")
+    class AttrsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SOURCE_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    COPY_RATE_FIELD_NUMBER: _ClassVar[int]
+    ATTRS_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    source_id: str
+    name: str
+    copy_rate: int
+    attrs: _containers.ScalarMap[str, str]
+    volume_id: str
+    def __init__(self, source_id: _Optional[str] = ..., name: _Optional[str] = ..., copy_rate: _Optional[int] = ..., attrs: _Optional[_Mapping[str, str]] = ..., volume_id: _Optional[str] = ...) -> None: ...
+
+class CloneRequest(_message.Message):
+    __slots__ = ("source_id", "name", "size", "copy_rate", "clean_rate", "attrs", "volume_id")
+    class AttrsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SOURCE_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    COPY_RATE_FIELD_NUMBER: _ClassVar[int]
+    CLEAN_RATE_FIELD_NUMBER: _ClassVar[int]
+    ATTRS_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    source_id: str
+    name: str
+    size: int
+    copy_rate: int
+    clean_rate: int
+    attrs: _containers.ScalarMap[str, str]
+    volume_id: str
+    def __init__(self, source_id: _Optional[str] = ..., name: _Optional[str] = ..., size: _Optional[int] = ..., copy_rate: _Optional[int] = ..., clean_rate: _Optional[int] = ..., attrs: _Optional[_Mapping[str, str]] = ..., volume_id: _Optional[str] = ...) -> None: ...
+
+class SnapshotItem(_message.Message):
+    __slots__ = ("source_id", "name", "attrs", "volume_id")
+    class AttrsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SOURCE_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ATTRS_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    source_id: str
+    name: str
+    attrs: _containers.ScalarMap[str, str]
+    volume_id: str
+    def __init__(self, source_id: _Optional[str] = ..., name: _Optional[str] = ..., attrs: _Optional[_Mapping[str, str]] = ..., volume_id: _Optional[str] = ...) -> None: ...
+
+class SnapshotGroupRequest(_message.Message):
+    __slots__ = ("group_name", "items", "copy_rate")
+    GROUP_NAME_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    COPY_RATE_FIELD_NUMBER: _ClassVar[int]
+    group_name: str
+    items: _containers.RepeatedCompositeFieldContainer[SnapshotItem]
+    copy_rate: int
+    def __init__(self, group_name: _Optional[str] = ..., items: _Optional[_Iterable[_Union[SnapshotItem, _Mapping]]] = ..., copy_rate: _Optional[int] = ...) -> None: ...
+
+class DeleteGroupRequest(_message.Message):
+    __slots__ = ("group_name",)
+    GROUP_NAME_FIELD_NUMBER: _ClassVar[int]
+    group_name: str
+    def __init__(self, group_name: _Optional[str] = ...) -> None: ...
+
+class NodeStageRequest(_message.Message):
+    __slots__ = ("volume_id", "staging_path", "block", "fs_type", "mount_flags", "read_only")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGING_PATH_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    FS_TYPE_FIELD_NUMBER: _ClassVar[int]
+    MOUNT_FLAGS_FIELD_NUMBER: _ClassVar[int]
+    READ_ONLY_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    staging_path: str
+    block: bool
+    fs_type: str
+    mount_flags: _containers.RepeatedScalarFieldContainer[str]
+    read_only: bool
+    def __init__(self, volume_id: _Optional[str] = ..., staging_path: _Optional[str] = ..., block: _Optional[bool] = ..., fs_type: _Optional[str] = ..., mount_flags: _Optional[_Iterable[str]] = ..., read_only: _Optional[bool] = ...) -> None: ...
+
+class NodeUnstageRequest(_message.Message):
+    __slots__ = ("volume_id", "staging_path")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGING_PATH_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    staging_path: str
+    def __init__(self, volume_id: _Optional[str] = ..., staging_path: _Optional[str] = ...) -> None: ...
+
+class NodePublishRequest(_message.Message):
+    __slots__ = ("volume_id", "staging_path", "target_path", "block", "read_only", "mount_flags")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGING_PATH_FIELD_NUMBER: _ClassVar[int]
+    TARGET_PATH_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    READ_ONLY_FIELD_NUMBER: _ClassVar[int]
+    MOUNT_FLAGS_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    staging_path: str
+    target_path: str
+    block: bool
+    read_only: bool
+    mount_flags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, volume_id: _Optional[str] = ..., staging_path: _Optional[str] = ..., target_path: _Optional[str] = ..., block: _Optional[bool] = ..., read_only: _Optional[bool] = ..., mount_flags: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class NodeUnpublishRequest(_message.Message):
+    __slots__ = ("volume_id", "target_path")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_PATH_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    target_path: str
+    def __init__(self, volume_id: _Optional[str] = ..., target_path: _Optional[str] = ...) -> None: ...
+
+class NodeStatsRequest(_message.Message):
+    __slots__ = ("volume_id", "volume_path")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_PATH_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    volume_path: str
+    def __init__(self, volume_id: _Optional[str] = ..., volume_path: _Optional[str] = ...) -> None: ...
+
+class NodeStatsResponse(_message.Message):
+    __slots__ = ("block", "total_bytes", "used_bytes", "available_bytes", "total_inodes", "used_inodes", "available_inodes", "abnormal", "message")
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_INODES_FIELD_NUMBER: _ClassVar[int]
+    USED_INODES_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_INODES_FIELD_NUMBER: _ClassVar[int]
+    ABNORMAL_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    block: bool
+    total_bytes: int
+    used_bytes: int
+    available_bytes: int
+    total_inodes: int
+    used_inodes: int
+    available_inodes: int
+    abnormal: bool
+    message: str
+    def __init__(self, block: _Optional[bool] = ..., total_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., available_bytes: _Optional[int] = ..., total_inodes: _Optional[int] = ..., used_inodes: _Optional[int] = ..., available_inodes: _Optional[int] = ..., abnormal: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+
+class NodeExpandRequest(_message.Message):
+    __slots__ = ("volume_id", "volume_path", "required_bytes")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    VOLUME_PATH_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    volume_path: str
+    required_bytes: int
+    def __init__(self, volume_id: _Optional[str] = ..., volume_path: _Optional[str] = ..., required_bytes: _Optional[int] = ...) -> None: ...
+
+class NodeExpandResponse(_message.Message):
+    __slots__ = ("capacity_bytes",)
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    capacity_bytes: int
+    def __init__(self, capacity_bytes: _Optional[int] = ...) -> None: ...
