@@ -60,7 +60,7 @@ class Server:
     def start(self) -> None:
         env = dict(os.environ, PYTHONPATH=str(REPO))
         argv = [sys.executable, "-m", "csi_driver", "serve", "--endpoint", f"unix://{self.sock}",
-                "--state-dir", str(self.state), "--node-id", "bench", "--log-level", "warning"]
+                "--state-dir", str(self.state), "--node-id", "bench", "--log-level", "warning", "--engine", "embedded"]
         self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stderr=open(self.root / "server.log", "ab"))  # noqa: SIM115
         deadline = time.monotonic() + 60
         while True:

@@ -365,16 +365,61 @@ class EmbeddedBackend:
 
 
 def make_backend(args: object) -> Backend:
-    """Choose the Backend from `serve` arguments: the seam the node data path issue extends.
+    """Choose the Backend from `serve` arguments.
 
-    Today every mode opens the engine embedded on --state-dir. `--engine process` (and `auto` once the node
-    data path is served) will return a client of the node engine process at --engine-endpoint instead.
+    - `--engine embedded`: the engine opened in this process on --state-dir;
+    - `--engine process`: a client of the node engine process at --engine-endpoint, which something else
+      runs (the chart's engine container). It is never started from here; Probe answers ready and calls
+      succeed once it answers, UNAVAILABLE until then;
+    - `--engine auto`: with the node service (--mode all|node) and a usable kernel data path, the node
+      engine process, started detached when none answers; otherwise embedded.
     """
     check_engine_mode(args)
-    return EmbeddedBackend.open(args.state_dir)
+    state_dir: str = args.state_dir  # type: ignore[attr-defined]
+    mode = resolved_engine_mode(args)
+    if mode == "embedded":
+        return EmbeddedBackend.open(state_dir)
+    endpoint = engine_endpoint(args)
+    if mode == "process":
+        from csi_driver.datapath.client import RemoteBackend
+
+        backend = RemoteBackend(endpoint)
+        if not backend.is_ready():
+            log.warning("the node engine process does not answer yet; not ready until it does",
+                        extra={"fields": {"engine_endpoint": endpoint}})
+        return backend
+    from csi_driver.datapath.launcher import ensure_engine
+
+    return ensure_engine(state_dir, endpoint)
+
+
+def engine_endpoint(args: object) -> str:
+    """--engine-endpoint, default unix://<state-dir>/engine.sock."""
+    import os
+
+    return getattr(args, "engine_endpoint", "") or f"unix://{os.path.abspath(args.state_dir)}/engine.sock"  # type: ignore[attr-defined]
+
+
+def resolved_engine_mode(args: object) -> str:
+    """"embedded", "process" (use, never start) or "auto" (use, start when none answers)."""
+    mode = getattr(args, "engine", "auto")
+    if mode != "auto":
+        return str(mode)
+    if getattr(args, "mode", "all") not in ("all", "node"):
+        return "embedded"  # a controller alone has no data path to keep alive
+    from csi_driver.datapath.launcher import datapath_unavailable
+
+    why = datapath_unavailable()
+    if why:
+        log.warning("no kernel data path (%s): the engine runs embedded, volumes cannot be staged here", why)
+        return "embedded"
+    return "auto"
 
 
 def check_engine_mode(args: object) -> None:
-    """Refuse, before anything is bound or opened, an engine mode this build cannot provide."""
-    if getattr(args, "engine", "auto") == "process":
-        raise ValueError("--engine process: the node engine process is not available in this build")
+    """Refuse, before anything is bound or opened, an engine setting that cannot work."""
+    if getattr(args, "engine", "auto") == "embedded":
+        return
+    endpoint = engine_endpoint(args)
+    if not endpoint.startswith(("unix:", "/")):
+        raise ValueError(f"--engine-endpoint must be a unix socket (unix:///path), not {endpoint!r}")

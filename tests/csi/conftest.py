@@ -55,9 +55,12 @@ class CsiServer:
         return f"unix://{self.sock}"
 
     def argv(self) -> list[str]:
+        # the engine embedded unless a test asks otherwise: `auto` would start a detached node engine
+        # process that outlives the server (tests/datapath/test_engine_process.py covers that mode)
+        engine = [] if any(a.split("=")[0] == "--engine" for a in self.extra) else ["--engine", "embedded"]
         return [sys.executable, "-m", "csi_driver", "serve", "--endpoint", self.endpoint,
                 "--state-dir", str(self.state), "--node-id", NODE_ID, "--mode", self.mode,
-                "--log-format", self.log_format, "--log-level", self.log_level, *self.extra]
+                "--log-format", self.log_format, "--log-level", self.log_level, *engine, *self.extra]
 
     def start(self, wait_ready: bool = True, timeout: float = 30.0) -> CsiServer:
         env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -223,13 +223,13 @@ def test_bad_endpoint_exits_nonzero(server_factory) -> None:
     assert not Path(srv.state).exists() or not any(Path(srv.state).iterdir())
 
 
-def test_unavailable_engine_mode_and_empty_node_id_exit_2(server_factory) -> None:
+def test_non_unix_engine_endpoint_and_empty_node_id_exit_2(server_factory) -> None:
     import subprocess
 
     from tests.csi.conftest import REPO
 
     srv = server_factory("refuse")
-    for extra in (["--engine", "process"], ["--node-id", ""]):
+    for extra in (["--engine", "process", "--engine-endpoint", "tcp://127.0.0.1:9"], ["--node-id", ""]):
         proc = subprocess.run(srv.argv() + extra, cwd=REPO, capture_output=True, timeout=30,
                               env=dict(os.environ, PYTHONPATH=str(REPO)), check=False)
         assert proc.returncode == 2, proc.stderr
@@ -245,7 +245,8 @@ def test_environment_variables_configure_serve(tmp_path_factory) -> None:
     root = short_tmp(tmp_path_factory, "env")
     env = dict(os.environ, PYTHONPATH=str(REPO), CSI_ENDPOINT=f"unix://{root}/env.sock",
                CSI_FLASHCOPY_STATE_DIR=str(root / "state"), CSI_NODE_ID="env-node", CSI_MODE="node",
-               CSI_DRIVER_NAME="env.flashcopy.example", CSI_MAX_VOLUMES_PER_NODE="7", CSI_LOG_FORMAT="json")
+               CSI_DRIVER_NAME="env.flashcopy.example", CSI_MAX_VOLUMES_PER_NODE="7", CSI_LOG_FORMAT="json",
+               CSI_ENGINE_MODE="embedded")
     proc = subprocess.Popen([sys.executable, "-m", "csi_driver", "serve"], cwd=REPO, env=env,
                             stderr=subprocess.PIPE)
     try:
