@@ -149,13 +149,40 @@ class DataPath:
     def _export_path(self, volume_id: str) -> str:
         return self.export.path(volume_id)
 
-    def _live_loop(self, volume_id: str) -> str | None:
-        """The loop device attached to this volume's export file, found from sysfs (works on a dead mount)."""
+    def _loops(self, volume_id: str) -> list[privileged.LoopInfo]:
+        """Every loop device on this volume's export file: the staging one, plus read-only ones that serve
+        read-only block publishes."""
         path = self._export_path(volume_id)
-        for lo in privileged.list_loops():
-            if lo.backing_file in (path, path + " (deleted)"):
+        return [lo for lo in privileged.list_loops() if lo.backing_file in (path, path + " (deleted)")]
+
+    def _live_loop(self, volume_id: str) -> str | None:
+        """The staging loop device of this volume, found from sysfs (works on a dead mount)."""
+        loops = self._loops(volume_id)
+        rec = self._records.items.get(volume_id)
+        for lo in loops:
+            if rec is not None and lo.device == rec.loop_device:
                 return lo.device
-        return None
+        writable = [lo for lo in loops if not lo.read_only]
+        return (writable or loops)[0].device if loops else None
+
+    def _read_only_loop(self, volume_id: str, staging_dev: str) -> str:
+        """A read-only loop device for a read-only block publish: a read-only bind of a device node does not
+        stop writes (the kernel applies a mount's read-only flag to files and directories only)."""
+        for lo in self._loops(volume_id):
+            if lo.device == staging_dev and lo.read_only:
+                return lo.device
+        for lo in self._loops(volume_id):
+            if lo.read_only:
+                return lo.device
+        return privileged.attach_loop(self._export_path(volume_id), read_only=True, reuse=False)
+
+    def _drop_read_only_loops(self, rec: StageRecord) -> None:
+        """Detach the extra read-only loop devices once no read-only block publish uses them."""
+        if not rec.block or any(rec.publishes.values()):
+            return
+        for lo in self._loops(rec.volume_id):
+            if lo.device != rec.loop_device and lo.read_only:
+                privileged.detach_loop(lo.device)
 
     def _dead_loop(self, rec: StageRecord) -> str | None:
         """The recorded loop device when it still sits on a previous engine process's export.
@@ -180,13 +207,15 @@ class DataPath:
 
         Used where no record vouches for a path: the CSI request could name any mount on the host.
         """
-        dev = self._live_loop(volume_id)
         found = privileged.mounts_at(path)
-        if dev is None or not found:
+        if not found:
             return False
-        rdev = os.stat(dev).st_rdev
         top = found[-1]
-        return top.major_minor == f"{os.major(rdev)}:{os.minor(rdev)}" or top.root == "/" + os.path.basename(dev)
+        for lo in self._loops(volume_id):
+            rdev = os.stat(lo.device).st_rdev
+            if top.major_minor == f"{os.major(rdev)}:{os.minor(rdev)}" or top.root == "/" + os.path.basename(lo.device):
+                return True
+        return False
 
     def _export_alive(self, volume_id: str) -> bool:
         try:
@@ -315,7 +344,7 @@ class DataPath:
             with errs.step(f"unmount {rec.staging_path}"):
                 privileged.umount(rec.staging_path)
         with errs.step("detach loop"):
-            for dev in (self._live_loop(rec.volume_id), self._dead_loop(rec)):
+            for dev in [lo.device for lo in self._loops(rec.volume_id)] + [self._dead_loop(rec)]:
                 if dev is not None:
                     privileged.detach_loop(dev)
         errs.raise_any()
@@ -355,6 +384,8 @@ class DataPath:
                 raise errors.InvalidState(f"volume {volume_id}: no loop device (stage it again)")
             if block:
                 self._ensure_file(target_path)
+                if read_only:
+                    dev = self._read_only_loop(volume_id, dev)
                 privileged.mount(dev, target_path, bind=True, read_only=read_only)
             else:
                 os.makedirs(target_path, exist_ok=True)
@@ -383,6 +414,7 @@ class DataPath:
             if rec is not None and recorded:
                 del rec.publishes[target_path]
                 self._records.save()
+                self._drop_read_only_loops(rec)
 
     @staticmethod
     def _unpublish_path(target_path: str) -> None:
@@ -448,8 +480,9 @@ class DataPath:
             dev = rec.loop_device or self._live_loop(volume_id)
             if dev is None:
                 raise errors.InvalidState(f"volume {volume_id} has no loop device")
-            if privileged.block_size_bytes(dev) != vol.size:
-                privileged.refresh_loop_capacity(dev)
+            for lo in self._loops(volume_id):  # read-only publishes' devices too
+                if privileged.block_size_bytes(lo.device) != vol.size:
+                    privileged.refresh_loop_capacity(lo.device)
             if not rec.block:
                 privileged.resize_filesystem(dev, rec.staging_path, rec.fs_type)
             return privileged.block_size_bytes(dev)

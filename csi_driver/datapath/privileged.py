@@ -313,12 +313,13 @@ def loops_for(path: str) -> list[str]:
     return [d["name"] for d in json.loads(res.stdout).get("loopdevices", [])]
 
 
-def attach_loop(path: str, *, read_only: bool = False, direct_io: bool = True) -> str:
-    """Attach path to a free loop device and return it; reuse one already attached to path.
+def attach_loop(path: str, *, read_only: bool = False, direct_io: bool = True, reuse: bool = True) -> str:
+    """Attach path to a free loop device and return it; reuse one already attached to path (unless
+    reuse=False: a second, e.g. read-only, device on the same file).
 
     `losetup --find --show` picks and binds the device in one call, so two callers never race for one.
     """
-    existing = loops_for(path)
+    existing = loops_for(path) if reuse else []
     if existing:
         return existing[0]
     argv = ["losetup", "--find", "--show"]
