@@ -136,10 +136,10 @@ class RemoteBackend:
                    NODE_TIMEOUT)
 
     def node_publish(self, volume_id: str, staging_path: str, target_path: str, *, block: bool,
-                     read_only: bool = False, mount_flags: Sequence[str] = ()) -> None:
+                     read_only: bool = False, mount_flags: Sequence[str] = (), single_writer: bool = False) -> None:
         self._call("NodePublish", pb.NodePublishRequest(
             volume_id=volume_id, staging_path=staging_path, target_path=target_path, block=block,
-            read_only=read_only, mount_flags=list(mount_flags)), NODE_TIMEOUT)
+            read_only=read_only, mount_flags=list(mount_flags), single_writer=single_writer), NODE_TIMEOUT)
 
     def node_unpublish(self, volume_id: str, target_path: str) -> None:
         self._call("NodeUnpublish", pb.NodeUnpublishRequest(volume_id=volume_id, target_path=target_path),

@@ -171,7 +171,8 @@ class EngineService(pb_grpc.EngineServicer):
     def NodePublish(self, request: pb.NodePublishRequest, context: grpc.ServicerContext) -> pb.Empty:
         self._do(context, "NodePublish", lambda: self.dp.node_publish(
             request.volume_id, request.staging_path, request.target_path, block=request.block,
-            read_only=request.read_only, mount_flags=list(request.mount_flags)))
+            read_only=request.read_only, mount_flags=list(request.mount_flags),
+            single_writer=request.single_writer))
         return pb.Empty()
 
     def NodeUnpublish(self, request: pb.NodeUnpublishRequest, context: grpc.ServicerContext) -> pb.Empty:

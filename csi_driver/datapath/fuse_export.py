@@ -167,11 +167,19 @@ class FuseExport:
         return os.path.join(self.mount_point, name)
 
     def add(self, name: str, target: BlockTarget, *, read_only: bool = False) -> str:
-        """Export target as <mount>/<name>; re-adding the same name replaces the target. Returns the path."""
+        """Export target as <mount>/<name>; re-adding the same name replaces the target. Returns the path.
+
+        A re-add (an idempotent stage) updates the entry in place: the loop device's open handle on the file
+        must keep working, and handles of a replaced entry fail with EIO.
+        """
         if not name or "/" in name or name in (".", ".."):
             raise ValueError(f"bad export name {name!r}")
         with self._lock:
-            self._entries[name] = _Entry(name, target, read_only)
+            entry = self._entries.get(name)
+            if entry is None:
+                self._entries[name] = _Entry(name, target, read_only)
+            else:
+                entry.target, entry.read_only, entry.size = target, read_only, target.size
         return self.path(name)
 
     def remove(self, name: str) -> bool:

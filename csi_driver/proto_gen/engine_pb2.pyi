@@ -251,20 +251,22 @@ class NodeUnstageRequest(_message.Message):
     def __init__(self, volume_id: _Optional[str] = ..., staging_path: _Optional[str] = ...) -> None: ...
 
 class NodePublishRequest(_message.Message):
-    __slots__ = ("volume_id", "staging_path", "target_path", "block", "read_only", "mount_flags")
+    __slots__ = ("volume_id", "staging_path", "target_path", "block", "read_only", "mount_flags", "single_writer")
     VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
     STAGING_PATH_FIELD_NUMBER: _ClassVar[int]
     TARGET_PATH_FIELD_NUMBER: _ClassVar[int]
     BLOCK_FIELD_NUMBER: _ClassVar[int]
     READ_ONLY_FIELD_NUMBER: _ClassVar[int]
     MOUNT_FLAGS_FIELD_NUMBER: _ClassVar[int]
+    SINGLE_WRITER_FIELD_NUMBER: _ClassVar[int]
     volume_id: str
     staging_path: str
     target_path: str
     block: bool
     read_only: bool
     mount_flags: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, volume_id: _Optional[str] = ..., staging_path: _Optional[str] = ..., target_path: _Optional[str] = ..., block: _Optional[bool] = ..., read_only: _Optional[bool] = ..., mount_flags: _Optional[_Iterable[str]] = ...) -> None: ...
+    single_writer: bool
+    def __init__(self, volume_id: _Optional[str] = ..., staging_path: _Optional[str] = ..., target_path: _Optional[str] = ..., block: _Optional[bool] = ..., read_only: _Optional[bool] = ..., mount_flags: _Optional[_Iterable[str]] = ..., single_writer: _Optional[bool] = ...) -> None: ...
 
 class NodeUnpublishRequest(_message.Message):
     __slots__ = ("volume_id", "target_path")
