@@ -78,6 +78,10 @@ class NodeCluster:
              "--endpoint", endpoint], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
 
+    def engine_log(self) -> str:
+        path = self.root / "engine.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
     def stop(self) -> list[str]:
         """Stop everything; returns problems (exit codes, leftovers under the server's directory)."""
         problems = []
