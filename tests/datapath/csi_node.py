@@ -85,6 +85,19 @@ class NodeCluster:
     def stop(self) -> list[str]:
         """Stop everything; returns problems (exit codes, leftovers under the server's directory)."""
         problems = []
+        # a failed test leaves its volumes staged: their loop devices must go while the export still
+        # answers (after the server stops they would sit on a dead FUSE connection)
+        stale = [x for x in leftovers(str(self.root)) if x.startswith("loop ")]  # the export is still up
+        if stale:
+            problems.append(f"still staged at the end: {stale}")
+            for m in sorted((m for m in privileged.mounts() if m.source.startswith("/dev/loop")),
+                            key=lambda m: -len(m.mount_point)):
+                if any(lo.device == m.source and lo.backing_file.startswith(str(self.root))
+                       for lo in privileged.list_loops()):
+                    privileged.umount(m.mount_point, lazy=True)
+            for lo in privileged.list_loops():
+                if lo.backing_file.startswith(str(self.root) + "/"):
+                    privileged.detach_loop(lo.device)
         code = self.srv.stop()
         if code != 0:
             problems.append(f"serve exited {code}:\n{self.srv.log()[-3000:]}")
@@ -99,7 +112,7 @@ class NodeCluster:
                 problems.append(f"engine exited {code}")
         left = leftovers(str(self.root))
         if left:
-            problems.append(f"left behind under {self.root}: {left}")
+            problems.append(f"left behind under {self.root} after stopping: {left}")
         return problems
 
     # -------------------------------------------------------------- controller
