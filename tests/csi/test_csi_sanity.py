@@ -4,7 +4,8 @@ The binary is a test peer beside the checkout: ../shared/peers/csi-sanity (see s
 Goal: 0 failures in the Identity, Controller, snapshot, GroupController and Node groups. The Node group
 stages real volumes (FUSE export, loop device, mkfs, mounts): it needs root, /dev/fuse and loop devices, and
 the run fails if it leaves a mount or loop device behind. "defaults" runs it with mount volumes, "parameters"
-with block volumes.
+with block volumes (both with the engine embedded in `serve`), "process" with mount volumes served by the
+separate node engine process (`csi-flashcopy engine` + `serve --engine process`).
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ def summary(result: dict[str, dict[str, list[str]]]) -> dict[str, dict[str, int]
 
 @pytest.mark.skipif(not SANITY.exists(), reason=f"csi-sanity test peer not found at {SANITY}")
 @pytest.mark.skipif(KERNEL_SKIP is not None, reason=f"the Node group stages real volumes: {KERNEL_SKIP}")
-@pytest.mark.parametrize("variant", ["defaults", "parameters"])
-def test_csi_sanity(server_factory, tmp_path: Path, variant: str) -> None:
+@pytest.mark.parametrize("variant", ["defaults", "parameters", "process"])
+def test_csi_sanity(server_factory, tmp_path_factory, tmp_path: Path, variant: str) -> None:
     extra: list[str] = []
     if variant == "parameters":
         # the same suite with a StorageClass / VolumeSnapshotClass of our own parameters
@@ -93,8 +94,23 @@ def test_csi_sanity(server_factory, tmp_path: Path, variant: str) -> None:
         extra = [f"--csi.testvolumeparameters={tmp_path / 'vol.yaml'}",
                  f"--csi.testsnapshotparameters={tmp_path / 'snap.yaml'}",
                  "--csi.testvolumeaccesstype=block"]
-    srv = server_factory(f"sanity-{variant}").start()
-    result = run_sanity(srv, tmp_path, *extra)
+    cluster = None
+    if variant == "process":
+        from tests.csi.conftest import short_tmp
+        from tests.datapath.csi_node import NodeCluster, process_mode_unavailable
+
+        why = process_mode_unavailable()
+        if why:
+            pytest.skip(f"engine process mode unavailable: {why}")
+        cluster = NodeCluster(short_tmp(tmp_path_factory, "sanity-process"), "process")
+        srv = cluster.srv
+    else:
+        srv = server_factory(f"sanity-{variant}").start()
+    try:
+        result = run_sanity(srv, tmp_path, *extra)
+    finally:
+        problems = cluster.stop() if cluster is not None else []
+    assert not problems, problems
     counts = summary(result)
     print(f"csi-sanity ({variant}): " + json.dumps(counts))
     (tmp_path / "counts.json").write_text(json.dumps(counts, indent=1))
