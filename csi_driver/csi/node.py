@@ -17,7 +17,9 @@ import re
 
 import grpc
 
+from csi_driver.csi import objects as o
 from csi_driver.csi.backend import NodeBackend
+from csi_driver.csi.controller import get_kind
 from csi_driver.csi.driver import Driver
 from csi_driver.csi.errors import CsiError, failed_precondition, invalid, not_found
 from csi_driver.csi.validation import MODE, capacity_range, check_capability_shape, require_id, unsupported_reason
@@ -111,6 +113,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             raise failed_precondition(f"staging_target_path {staging} is not an existing directory "
                                       "(the CO creates it)")
         node = self._node()
+        # a snapshot is an engine volume too, but never one to mount (writing would change the snapshot)
+        get_kind(self.driver.backend, vid, o.KIND_VOLUME)
         block = cap.WhichOneof("access_type") == "block"
         with self.driver.locks.hold(f"node-volume:{vid}"):
             node.node_stage(vid, staging, block=block, fs_type="" if block else cap.mount.fs_type,

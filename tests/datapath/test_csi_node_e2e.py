@@ -306,6 +306,10 @@ def test_node_request_rules(cluster: NodeCluster, workdir: str) -> None:
                                                 volume_capability=cap("ext4"))) == C.FAILED_PRECONDITION
     assert rpc_code(node.NodeStageVolume, stage(volume_id="vol-unknown", staging_target_path=stg,
                                                 volume_capability=cap("ext4"))) == C.NOT_FOUND
+    snap = cluster.snapshot(vid)  # a snapshot id is not a volume to stage
+    assert rpc_code(node.NodeStageVolume, stage(volume_id=snap.snapshot_id, staging_target_path=stg,
+                                                volume_capability=cap("ext4"))) == C.NOT_FOUND
+    cluster.delete_snapshot(snap.snapshot_id)
     assert rpc_code(node.NodeStageVolume, stage(volume_id=vid, staging_target_path=stg,
                                                 volume_capability=cap("btrfs"))) == C.FAILED_PRECONDITION
     assert rpc_code(node.NodeStageVolume, stage(volume_id=vid, staging_target_path=stg, volume_capability=cap(
