@@ -484,6 +484,12 @@ class DataPath:
                 if privileged.block_size_bytes(lo.device) != vol.size:
                     privileged.refresh_loop_capacity(lo.device)
             if not rec.block:
+                if (rec.fs_type == "ext4" and not privileged.can_resize_ext4_online()
+                        and privileged.ext4_size(dev) < privileged.block_size_bytes(dev)):
+                    raise errors.InvalidState(
+                        f"volume {volume_id}: growing a mounted ext4 filesystem needs CAP_SYS_RESOURCE, which the "
+                        "node process lacks; the device has grown and the filesystem grows (offline) when the "
+                        "volume is next staged")
                 privileged.resize_filesystem(dev, rec.staging_path, rec.fs_type)
             return privileged.block_size_bytes(dev)
 

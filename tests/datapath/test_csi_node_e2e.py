@@ -188,6 +188,28 @@ def test_expand_online_and_stats(cluster: NodeCluster, workdir: str, kind: str) 
     cluster.delete(vol.volume_id)
 
 
+def test_ext4_expand_without_cap_sys_resource_grows_at_next_stage(cluster: NodeCluster, workdir: str) -> None:
+    if privileged.can_resize_ext4_online():
+        pytest.skip("this node can grow ext4 online (tested in test_expand_online_and_stats)")
+    vol = cluster.create("ext4")
+    stg, tgt = cluster.attach(vol.volume_id, "ext4", workdir)
+    files = write_files(tgt, 2, "keep")
+    before = os.statvfs(tgt).f_blocks * os.statvfs(tgt).f_frsize
+    cluster.expand(vol.volume_id, SIZES["ext4"] * 2)
+    with pytest.raises(grpc.RpcError) as e:
+        cluster.node_expand(vol.volume_id, tgt, stg, SIZES["ext4"] * 2, "ext4")
+    assert e.value.code() == C.FAILED_PRECONDITION and "CAP_SYS_RESOURCE" in e.value.details()
+    check_files(tgt, files)  # still mounted and intact
+    cluster.detach(vol.volume_id, stg, tgt)
+    stg, tgt = cluster.attach(vol.volume_id, "ext4", workdir)  # grown offline before the mount
+    assert os.statvfs(tgt).f_blocks * os.statvfs(tgt).f_frsize > before * 1.7
+    check_files(tgt, files)
+    assert cluster.node_expand(vol.volume_id, tgt, stg, SIZES["ext4"] * 2, "ext4").capacity_bytes == \
+        SIZES["ext4"] * 2
+    cluster.detach(vol.volume_id, stg, tgt)
+    cluster.delete(vol.volume_id)
+
+
 def test_stats_errors(cluster: NodeCluster, workdir: str) -> None:
     vol = cluster.create("ext4")
     node = cluster.srv.node
