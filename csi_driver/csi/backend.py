@@ -346,7 +346,7 @@ class EmbeddedBackend:
     def clone(self, source_id: str, name: str, *, size: int, copy_rate: int, clean_rate: int,
               attrs: Mapping[str, str], volume_id: str | None = None) -> Volume:
         info, _ = self.engine.clone(source_id, name, size=size, copy_rate=copy_rate, clean_rate=clean_rate,
-                                    attrs=dict(attrs), volume_id=volume_id)
+                                    attrs=dict(attrs), volume_id=volume_id, quiesce=self._quiesce)
         return self._record(info)
 
     def snapshot_group(self, group_name: str, items: Sequence[SnapshotItem], *, copy_rate: int) -> list[Volume]:
@@ -378,7 +378,12 @@ def make_backend(args: object) -> Backend:
     state_dir: str = args.state_dir  # type: ignore[attr-defined]
     mode = resolved_engine_mode(args)
     if mode == "embedded":
-        return EmbeddedBackend.open(state_dir)
+        # serving the node here: start the data path now, so staged volumes are re-adopted and a snapshot
+        # taken before the first Node call is frozen too (where the host has no data path, it stays lazy)
+        from csi_driver.datapath.launcher import datapath_unavailable
+
+        node = getattr(args, "mode", "all") in ("all", "node") and not datapath_unavailable()
+        return EmbeddedBackend.open(state_dir, node=node)
     endpoint = engine_endpoint(args)
     if mode == "process":
         from csi_driver.datapath.client import RemoteBackend

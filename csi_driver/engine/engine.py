@@ -1342,10 +1342,11 @@ class Engine:
 
     def clone(self, source_id: str, name: str, *, size: int | None = None, copy_rate: int = DEFAULT_COPY_RATE,
               clean_rate: int = DEFAULT_CLEAN_RATE, attrs: dict[str, str] | None = None,
-              volume_id: str | None = None, autodelete: bool = True) -> tuple[VolumeInfo, MappingInfo]:
+              volume_id: str | None = None, autodelete: bool = True,
+              quiesce: Quiesce | None = None) -> tuple[VolumeInfo, MappingInfo]:
         """A new volume with source's data, usable at once; background copy makes it independent."""
         _, pairs = self._copy_set([(source_id, name, attrs, volume_id)], None, copy_rate, clean_rate,
-                                  autodelete=autodelete, size=size)
+                                  autodelete=autodelete, size=size, quiesce=quiesce)
         return pairs[0]
 
     def _copy_set(self, items: list[tuple[str, str, dict[str, str] | None, str | None]], group_name: str | None,
