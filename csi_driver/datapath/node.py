@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from csi_driver.csi.backend import NodeStats  # the record the NodeBackend protocol returns
 from csi_driver.datapath import privileged
 from csi_driver.datapath.fuse_export import EngineVolume, FuseExport
 from csi_driver.engine import errors
@@ -39,19 +40,6 @@ class StageRecord:
     mount_flags: list[str] = dataclasses.field(default_factory=list)
     # target path -> read_only
     publishes: dict[str, bool] = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass(frozen=True)
-class NodeStats:
-    block: bool
-    total_bytes: int
-    used_bytes: int
-    available_bytes: int
-    total_inodes: int = 0
-    used_inodes: int = 0
-    available_inodes: int = 0
-    abnormal: bool = False
-    message: str = ""
 
 
 class _Records:
