@@ -17,8 +17,18 @@ try:  # os.posix_fallocate cannot punch; use the libc call through ctypes once
     _fallocate = _libc.fallocate
     _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
     _fallocate.restype = ctypes.c_int
+    _sync_file_range = _libc.sync_file_range
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_uint]
+    _sync_file_range.restype = ctypes.c_int
 except (OSError, AttributeError):  # pragma: no cover - non-Linux
     _fallocate = None
+    _sync_file_range = None
+
+SYNC_FILE_RANGE_WRITE = 0x02
+# Streaming writes start their writeback every WRITEBACK_CHUNK bytes so dirty pages never pile up: a large dirty
+# backlog is throttled by the kernel and allocated late (fresh space ran at a quarter of O_DIRECT's speed).
+WRITEBACK_CHUNK = 8 << 20
+STREAM_WRITE = 256 << 10  # only writes this large count; small random writes keep plain write-back
 
 NOSPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
@@ -26,11 +36,16 @@ NOSPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 class FileIO:
     """Positional I/O on data files. Every method is a single syscall (or close to it)."""
 
+    def __init__(self) -> None:
+        #: fd -> (low, high, bytes) of large writes since writeback was last started
+        self._streamed: dict[int, tuple[int, int, int]] = {}
+
     def open(self, path: str, *, create: bool = False) -> int:
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
         return os.open(path, flags, 0o600)
 
     def close(self, fd: int) -> None:
+        self._streamed.pop(fd, None)
         os.close(fd)
 
     def pread(self, fd: int, length: int, offset: int) -> bytes:
@@ -41,10 +56,25 @@ class FileIO:
 
     def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
         view = memoryview(data)
+        start, length = offset, len(view)
         while view:
             n = os.pwrite(fd, view, offset)
             view = view[n:]
             offset += n
+        if length >= STREAM_WRITE and _sync_file_range is not None:
+            self._start_writeback(fd, start, length)
+
+    def _start_writeback(self, fd: int, offset: int, length: int) -> None:
+        """Start (never wait for) writeback of what streamed into fd. Durability is unchanged: fdatasync still
+        makes the data durable and reports its errors (SYNC_FILE_RANGE_WRITE alone neither waits nor consumes
+        the file's writeback error)."""
+        low, high, n = self._streamed.get(fd, (offset, offset, 0))
+        low, high, n = min(low, offset), max(high, offset + length), n + length
+        if n < WRITEBACK_CHUNK:
+            self._streamed[fd] = (low, high, n)
+            return
+        self._streamed.pop(fd, None)
+        _sync_file_range(fd, low, high - low, SYNC_FILE_RANGE_WRITE)
 
     def punch(self, fd: int, offset: int, length: int) -> None:
         if _fallocate is None or length <= 0:

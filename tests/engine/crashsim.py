@@ -22,6 +22,7 @@ class Crash(BaseException):
 
 class CrashIO(FileIO):
     def __init__(self, crash_at: int | None = None) -> None:
+        super().__init__()
         self.crash_at = crash_at
         self.calls = 0
         self.paths: dict[int, str] = {}
