@@ -15,7 +15,7 @@ setup-python:
 setup: setup-system setup-python
 	for f in .ci/setup.d/*.sh; do [ -e "$$f" ] && bash "$$f" || exit 1; done
 
-run: setup-python
+run: setup-system setup-python
 	mkdir -p $(STATE)
 	csi-flashcopy serve --endpoint unix://$(STATE)/csi.sock --state-dir $(STATE) --node-id $$(hostname) --mode all
 
