@@ -12,6 +12,7 @@ import errno
 
 import grpc
 
+from csi_driver.csi.errors import ENGINE_CODES
 from csi_driver.engine import errors
 
 ERROR_KEY = "flashcopy-error"
@@ -24,19 +25,10 @@ class EngineUnavailable(errors.EngineClosed):
     """
 
 
-# Engine error classes that may cross the wire, with their status code. Most specific first.
-CODES: tuple[tuple[type[errors.EngineError], grpc.StatusCode], ...] = (
-    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
-    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
-    (errors.OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
-    (errors.NoSpace, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (errors.InvalidState, grpc.StatusCode.FAILED_PRECONDITION),
-    (errors.VolumeOffline, grpc.StatusCode.FAILED_PRECONDITION),
-    (errors.EngineLocked, grpc.StatusCode.UNAVAILABLE),
-    (errors.EngineClosed, grpc.StatusCode.UNAVAILABLE),
-)
-_BY_NAME: dict[str, type[errors.EngineError]] = {cls.__name__: cls for cls, _ in CODES}
+# Engine error classes that may cross the wire, with their status code: the same table the CSI layer answers
+# with, so a remote engine's error reaches the CO with the code an embedded engine's would.
+CODES = ENGINE_CODES
+_BY_NAME: dict[str, type[BaseException]] = {cls.__name__: cls for cls, _ in CODES}
 _BY_NAME["EngineError"] = errors.EngineError
 
 
