@@ -218,7 +218,7 @@ def crash_run(seed: int, crash_at: int | None, power: str) -> int:
         shutil.rmtree(d, ignore_errors=True)
 
 
-SEEDS = [1, 2, 3, 4, 5, 6] if HEAVY else [1, 2]
+SEEDS = [1, 2, 3, 4, 5, 6, 7, 8] if HEAVY else [1, 2, 3]
 
 
 @pytest.mark.parametrize("seed", SEEDS)
