@@ -241,3 +241,51 @@ def test_too_large_for_the_filesystem_is_out_of_range(eng, tmp_path) -> None:
     with pytest.raises(errors.OutOfRange):
         eng.resize_volume(v.id, 1 << 60)
     assert eng.get_volume(v.id).size == G
+
+
+def test_explicit_consistency_group_lifecycle(eng) -> None:
+    a = eng.create_volume("a", 2 * G, grain_size=G)
+    b = eng.create_volume("b", 2 * G, grain_size=G)
+    ta = eng.create_volume("ta", 2 * G, grain_size=G)
+    tb = eng.create_volume("tb", 2 * G, grain_size=G)
+    eng.write(a.id, 0, b"a" * 2 * G)
+    eng.write(b.id, 0, b"b" * 2 * G)
+    grp = eng.create_group("nightly")
+    assert grp.state == "empty"
+    ma = eng.create_mapping(a.id, ta.id, copy_rate=150, group_id=grp.id)
+    mb = eng.create_mapping(b.id, tb.id, copy_rate=150, group_id=grp.id)
+    with pytest.raises(errors.InvalidState):
+        eng.start_mapping(ma.id)  # members are driven through their group
+    assert eng.prepare_group(grp.id).state == "prepared"
+    started = eng.start_group(grp.id)
+    assert started.state == "copying" and set(started.mapping_ids) == {ma.id, mb.id}
+    assert eng.get_mapping(ma.id).start_time == eng.get_mapping(mb.id).start_time == started.start_time
+    with pytest.raises(errors.InvalidState):  # membership is fixed while the group is active
+        eng.create_mapping(a.id, eng.create_volume("tc", 2 * G, grain_size=G).id, group_id=grp.id)
+    eng.write(a.id, 0, b"A" * G)
+    eng.write(b.id, 0, b"B" * G)
+    assert eng.read(ta.id, 0, 2 * G) == b"a" * 2 * G and eng.read(tb.id, 0, 2 * G) == b"b" * 2 * G
+    eng.run_copies()
+    assert eng.get_group(grp.id).state == "idle_or_copied"
+    assert eng.stop_group(grp.id).state == "idle_or_copied"  # stopping copied mappings is a no-op
+    eng.modify_mapping(ma.id, autodelete=True)  # turning autodelete on for a copied mapping deletes it
+    with pytest.raises(errors.NotFound):
+        eng.get_mapping(ma.id)
+    assert eng.get_group(grp.id).mapping_ids == (mb.id,)
+    eng.delete_group(grp.id)
+    assert eng.get_mapping(mb.id).group_id is None
+    with pytest.raises(errors.NotFound):
+        eng.get_group(grp.id)
+    with pytest.raises(errors.InvalidArgument):
+        eng.modify_mapping(mb.id, copy_rate=151)
+
+
+def test_attrs_are_kept_verbatim_across_reopen(tmp_path) -> None:
+    e = Engine.open(str(tmp_path / "a"), background=False)
+    v = e.create_volume("v", G, attrs={"kind": "volume", "csi.param/copyRate": "50"})
+    e.set_volume_attrs(v.id, {"kind": "snapshot", "note": "ünïcode"})
+    e.close()
+    with Engine.open(str(tmp_path / "a"), background=False) as e:
+        assert e.get_volume(v.id).attrs == {"kind": "snapshot", "note": "ünïcode"}
+        with pytest.raises(errors.InvalidArgument):
+            e.create_volume("w", G, attrs={"k": 1})  # type: ignore[dict-item]
