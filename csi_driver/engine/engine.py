@@ -833,12 +833,9 @@ class Engine:
                 self._copy_dirty.discard(v)
                 self._host_dirty.discard(v)
                 v.pending.clear()
-                self._after_commit_unlink(v)
+                # the file goes after the metadata no longer names it; an orphan left by a crash goes at open
+                self._unlink_later.append(v)
                 changed = True
-
-    def _after_commit_unlink(self, v: _Vol) -> None:
-        # the file goes after the metadata no longer names it; an orphan left by a crash is removed at open
-        self._unlink_later.append(v)
 
     # ------------------------------------------------------------------ cascade surgery
 
@@ -1098,9 +1095,9 @@ class Engine:
         s, t = self._vols[m.source], self._vols[m.target]
         fresh: list[_Vol] = []
         m.restore = False
-        if t.downstream is not None or self._reaches(s, t):
-            # t's current data is still read by others (or t is upstream of s: a restore). A hidden node keeps
-            # that data and t's place in its cascade; t starts over with an empty file.
+        if t.downstream is not None:
+            # t's current data is still read by others (t may even be upstream of s: a restore). A hidden node
+            # keeps that data and t's place in its cascade; t starts over with an empty file.
             keeper = _Vol(self._new_id("vol"), next(self._seq), f"\0kept\0{t.id}", t.size, t.grain, {},
                           time.time(), t.file)
             keeper.deleted, keeper.fd, keeper.bits = True, t.fd, t.bits
@@ -1123,25 +1120,22 @@ class Engine:
                 self._mark_bit("v:" + keeper.id, keeper.bits, keeper)
             m.restore = True
             bits = Bitmap(t.ngrains)
-        elif m.incremental and m.copied and m.diff is not None and t.bits is not None:
-            # incremental restart: keep every grain changed on neither side since the last start
-            diff = m.diff.as_int()
-            keep = t.bits.as_int() & ~diff & ((1 << t.ngrains) - 1)
-            bits = Bitmap(t.ngrains, keep.to_bytes((t.ngrains + 7) >> 3, "little"))
         elif m.incremental and m.copied and m.diff is not None:
-            diff = m.diff.as_int()
-            keep = ~diff & ((1 << t.ngrains) - 1)
+            # incremental restart: keep every grain changed on neither side since the last start
+            mask = (1 << t.ngrains) - 1
+            owned = t.bits.as_int() if t.bits is not None else mask
+            keep = owned & ~m.diff.as_int() & mask
             bits = Bitmap(t.ngrains, keep.to_bytes((t.ngrains + 7) >> 3, "little"))
         else:
             bits = Bitmap(t.ngrains)
             fresh.append(t)
-        # I3: the range past the source's end belongs to the target and reads as zeros
+        # I3: the range past the source's end belongs to the target and reads as zeros. It is zeroed now, before
+        # the commit that makes it owned (FlashCopy's prepare may change a target that is never started too).
         if t.ngrains > s.ngrains:
             for g in range(s.ngrains, t.ngrains):
                 bits.bits[g >> 3] |= 1 << (g & 7)
-            if t not in fresh:
-                self._io.punch(self._fd(t), s.size, t.size - s.size)
-                self._copy_dirty.add(t)
+            self._io.punch(self._fd(t), s.size, t.size - s.size)
+            self._copy_dirty.add(t)
         bits.undurable.clear()
         t.bits = bits
         t.offline = ""
@@ -1157,15 +1151,6 @@ class Engine:
             self._attach_trackers()
         self._dirty_map(m)
         return fresh
-
-    def _reaches(self, start: _Vol, target: _Vol) -> bool:
-        """Is `target` upstream of `start` in its cascade?"""
-        v = start.upstream
-        while v is not None:
-            if v is target:
-                return True
-            v = v.upstream
-        return False
 
     def stop_mapping(self, mapping_id: str, *, force: bool = False) -> MappingInfo:
         with self._lock:
