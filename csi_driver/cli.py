@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="a short engine tour on a local state directory")
     demo.add_argument("--state-dir", default=_env("CSI_FLASHCOPY_STATE_DIR", "./state"))
+
+    from csi_driver.k8s.clones import add_clone_parser
+
+    add_clone_parser(sub)
     return parser
 
 
@@ -123,6 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from csi_driver.demo import run_demo
 
         return run_demo(args.state_dir)
+    if args.command == "clone":
+        from csi_driver.k8s.clones import run_clone
+
+        return run_clone(args)
     return 2
 
 

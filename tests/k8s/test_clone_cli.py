@@ -1,0 +1,261 @@
+"""`csi-flashcopy clone` against a real control plane (../shared/peers/k8s: kube-apiserver, PV controllers,
+snapshot-controller, csi-provisioner and csi-snapshotter) and the real driver (`csi-flashcopy serve --engine
+embedded`) behind the sidecars. The CLI runs as a subprocess with KUBECONFIG, as a user runs it.
+
+Its own peer instance (no helm: up.sh starts the sidecars itself); module-scoped, tests run in file order.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.k8s.test_k8s_flow import (
+    DOWN,
+    DRIVER,
+    NODE,
+    SKIP,
+    UP,
+    Cluster,
+    Driver,
+    GiB,
+    _free_port,
+    _kill_leftovers,
+    _peer_bin,
+    _recorded_pids,
+    _wait,
+    quantity_bytes,
+)
+from tests.packaging import packaging_manifests as pm
+
+pytestmark = pytest.mark.skipif(SKIP is not None, reason=SKIP or "")
+
+NS = "clones"
+SNAP = "snapshot.storage.k8s.io/v1"
+MANAGED = "app.kubernetes.io/managed-by=csi-flashcopy-clone"
+
+
+@pytest.fixture(scope="module")
+def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    state = tmp_path_factory.mktemp("k8s-clone-peer")
+    env = dict(os.environ)
+    env.update({
+        "STATE": str(state), "SIDECARS": "provisioner snapshotter",
+        "APISERVER_PORT": str(_free_port()), "ETCD_PORT": str(_free_port()),
+        "ETCD_PEER_PORT": str(_free_port()), "KCM_PORT": str(_free_port()), "V": "2",
+        "PEER_BIN": str(_peer_bin()),
+    })
+    env.pop("KUBECONFIG", None)
+    c = Cluster(state, state / "admin.kubeconfig", Path(env["PEER_BIN"]), env)
+    try:
+        up = subprocess.run(["bash", str(UP)], env=env, capture_output=True, text=True, timeout=300)
+        assert up.returncode == 0, f"up.sh failed:\n{up.stdout}\n{up.stderr}"
+        c.env = dict(env, KUBECONFIG=str(c.kubeconfig))
+        yield c
+    finally:
+        for p in reversed(list(c.procs.values())):
+            p.stop()
+        pids = _recorded_pids(state)
+        subprocess.run(["bash", str(DOWN)], env=dict(env, WIPE="1"), capture_output=True, timeout=120)
+        _kill_leftovers(pids, state)
+        left = [pid for pid in pids if Path(f"/proc/{pid}").exists()
+                and str(state).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert not left, f"peer processes still running: {left}"
+
+
+@pytest.fixture(scope="module")
+def driver(peer: Cluster) -> Iterator[Driver]:
+    from csi_driver.proto_gen import csi_pb2
+
+    sock = peer.state / "csi.sock"  # where up.sh pointed the sidecars
+    argv = [sys.executable, "-m", "csi_driver", "serve", f"--endpoint=unix://{sock}",
+            f"--state-dir={peer.state / 'driver-state'}", f"--node-id={NODE}", "--engine=embedded"]
+    env = {k: v for k, v in peer.env.items() if not k.startswith("CSI_")}
+    env["PYTHONPATH"] = str(pm.REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    d = Driver(peer.start("csi-flashcopy", argv, env), sock, peer.state / "driver-state")
+
+    def ready() -> bool:
+        assert d.proc.popen.poll() is None, d.proc.text()
+        try:
+            return sock.exists() and d.stubs()[0].Probe(csi_pb2.ProbeRequest(), timeout=2).ready.value
+        except Exception:
+            return False
+
+    _wait("csi-flashcopy Probe ready", ready, timeout=60)
+    try:
+        yield d
+    finally:
+        d.proc.stop()
+
+
+@pytest.fixture(scope="module")
+def api(peer: Cluster) -> Any:
+    from kubernetes import config, dynamic
+
+    return dynamic.DynamicClient(config.new_client_from_config(config_file=str(peer.kubeconfig)))
+
+
+def _obj(api: Any, version: str, kind: str, name: str, ns: str | None = NS) -> dict[str, Any] | None:
+    from kubernetes.dynamic.exceptions import NotFoundError
+
+    try:
+        return api.resources.get(api_version=version, kind=kind).get(name=name, namespace=ns).to_dict()
+    except NotFoundError:
+        return None
+
+
+def _list(api: Any, version: str, kind: str, ns: str | None = NS, selector: str = "") -> list[dict[str, Any]]:
+    r = api.resources.get(api_version=version, kind=kind)
+    return r.get(namespace=ns, label_selector=selector).to_dict()["items"]
+
+
+def _apply(api: Any, obj: dict[str, Any]) -> None:
+    r = api.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
+    r.create(body=obj, namespace=NS if r.namespaced else None)
+
+
+def clone(peer: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(peer.env, PYTHONPATH=str(pm.REPO) + os.pathsep + peer.env.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "csi_driver", "clone", "--namespace", NS, *args],
+                          capture_output=True, text=True, env=env, timeout=120, cwd=pm.REPO)
+
+
+def test_setup_source_pvc_binds(peer: Cluster, api: Any, driver: Driver) -> None:
+    """What node-driver-registrar and an admin would do: Node + CSINode, classes, a namespace, a source PVC."""
+    from csi_driver.proto_gen import csi_pb2
+
+    info = driver.stubs()[2].NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=10)
+    segments = dict(info.accessible_topology.segments)
+    _apply(api, {"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE, "labels": segments}})
+    _apply(api, {"apiVersion": "storage.k8s.io/v1", "kind": "CSINode", "metadata": {"name": NODE},
+                 "spec": {"drivers": [{"name": DRIVER, "nodeID": info.node_id, "topologyKeys": sorted(segments)}]}})
+    _apply(api, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
+    for name, mode in (("fc-immediate", "Immediate"), ("fc-wffc", "WaitForFirstConsumer")):
+        _apply(api, {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": name},
+                     "provisioner": DRIVER, "volumeBindingMode": mode, "allowVolumeExpansion": True})
+    _apply(api, {"apiVersion": SNAP, "kind": "VolumeSnapshotClass", "metadata": {"name": "flashcopy"},
+                 "driver": DRIVER, "deletionPolicy": "Delete"})
+    # no sidecar serves this driver: its snapshots never become ready (the timeout test)
+    _apply(api, {"apiVersion": SNAP, "kind": "VolumeSnapshotClass", "metadata": {"name": "nobody"},
+                 "driver": "nobody.csi.dev", "deletionPolicy": "Retain"})
+    _apply(api, {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "src"},
+                 "spec": {"storageClassName": "fc-immediate", "accessModes": ["ReadWriteOnce"],
+                          "resources": {"requests": {"storage": "1Gi"}}}})
+    _wait("PVC src Bound", lambda: (_obj(api, "v1", "PersistentVolumeClaim", "src") or {}).get("status", {})
+          .get("phase") == "Bound", why=peer.logs)
+
+
+def test_errors_are_one_line_exit_2(peer: Cluster, api: Any) -> None:
+    cases = {
+        ("--from-pvc", "nope"): "source PVC clones/nope not found",
+        ("--from-pvc", "src", "--size", "2Gx"): "bad size '2Gx'",
+        ("--from-pvc", "src", "--size", "512Mi"): "smaller than the source's 1Gi",
+        ("--from-pvc", "src", "--storage-class", "missing"): "unknown StorageClass missing",
+        ("--from-pvc", "src", "--snapshot-class", "missing"): "unknown VolumeSnapshotClass missing",
+        ("--from-pvc", "src", "--name", "src"): "PVC clones/src already exists",
+        ("--from-pvc", "src", "--label", "bad key=v"): "bad label 'bad key=v'",
+        ("--delete",): "--delete needs --selector",
+    }
+    for args, message in cases.items():
+        r = clone(peer, *args)
+        assert r.returncode == 2, (args, r.stdout, r.stderr)
+        assert r.stderr.strip().splitlines() == [f"csi-flashcopy clone: {r.stderr.split(': ', 1)[1].strip()}"]
+        assert message in r.stderr, (args, r.stderr)
+        assert r.stdout == ""
+    # nothing was created by any of them
+    assert _list(api, SNAP, "VolumeSnapshot") == []
+    assert [p["metadata"]["name"] for p in _list(api, "v1", "PersistentVolumeClaim")] == ["src"]
+
+
+def test_dry_run_creates_nothing(peer: Cluster, api: Any) -> None:
+    r = clone(peer, "--from-pvc", "src", "--count", "2", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert [line.split()[:3] for line in r.stdout.splitlines()] == [
+        ["src-clone-1", "would", "be"], ["src-clone-2", "would", "be"]]
+    assert _list(api, SNAP, "VolumeSnapshot") == []
+    assert [p["metadata"]["name"] for p in _list(api, "v1", "PersistentVolumeClaim")] == ["src"]
+
+
+def test_clones_bind_from_one_snapshot(peer: Cluster, api: Any, driver: Driver) -> None:
+    r = clone(peer, "--from-pvc", "src", "--size", "2Gi", "--count", "2", "--label", "team=qa", "--wait", "60")
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}\n{peer.logs()}"
+    assert r.stdout.splitlines() == ["src-clone-1 Bound", "src-clone-2 Bound"]
+    snaps = _list(api, SNAP, "VolumeSnapshot", selector="team=qa")
+    assert len(snaps) == 1 and snaps[0]["status"]["readyToUse"]
+    snap = snaps[0]
+    assert snap["spec"]["source"]["persistentVolumeClaimName"] == "src"
+    content = _obj(api, SNAP, "VolumeSnapshotContent", snap["status"]["boundVolumeSnapshotContentName"], None)
+    snapshot_id = content["status"]["snapshotHandle"]
+    from csi_driver.proto_gen import csi_pb2
+
+    entries = driver.stubs()[1].ListVolumes(csi_pb2.ListVolumesRequest(), timeout=10).entries
+    by_id = {e.volume.volume_id: e.volume for e in entries}
+    for name in ("src-clone-1", "src-clone-2"):
+        pvc = _obj(api, "v1", "PersistentVolumeClaim", name)
+        assert pvc["metadata"]["labels"] == {"team": "qa", "app.kubernetes.io/managed-by": "csi-flashcopy-clone"}
+        assert pvc["spec"]["dataSource"] == {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot",
+                                             "name": snap["metadata"]["name"]}
+        assert pvc["spec"]["storageClassName"] == "fc-immediate"  # the source's
+        pv = _obj(api, "v1", "PersistentVolume", pvc["spec"]["volumeName"], None)
+        assert quantity_bytes(pv["spec"]["capacity"]["storage"]) == 2 * GiB
+        # the driver holds the volume, made from that snapshot, at the asked size
+        vol = by_id[pv["spec"]["csi"]["volumeHandle"]]
+        assert vol.capacity_bytes == 2 * GiB
+        assert vol.content_source.snapshot.snapshot_id == snapshot_id
+    assert driver.volumes_and_snapshots()[1] == {snapshot_id}
+
+
+def test_wait_for_first_consumer_is_reported_not_failed(peer: Cluster, api: Any) -> None:
+    r = clone(peer, "--from-pvc", "src", "--name", "dev-copy", "--storage-class", "fc-wffc", "--label", "team=dev",
+              "--wait", "60")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "dev-copy Pending (StorageClass fc-wffc is WaitForFirstConsumer: binds when a pod uses it)"]
+    pvc = _obj(api, "v1", "PersistentVolumeClaim", "dev-copy")
+    assert pvc["status"]["phase"] == "Pending" and pvc["spec"]["storageClassName"] == "fc-wffc"
+
+
+def test_snapshot_timeout_is_an_error_and_cleans_up(peer: Cluster, api: Any) -> None:
+    r = clone(peer, "--from-pvc", "src", "--name", "never", "--snapshot-class", "nobody", "--wait", "3")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "timed out after 3s waiting for VolumeSnapshot" in r.stderr and "deleted it" in r.stderr
+    assert _obj(api, "v1", "PersistentVolumeClaim", "never") is None
+    _wait("the timed-out snapshot gone", lambda: not [s for s in _list(api, SNAP, "VolumeSnapshot")
+                                                     if s["spec"]["volumeSnapshotClassName"] == "nobody"],
+          timeout=30, why=peer.logs)
+
+
+def test_delete_removes_clones_then_their_snapshot(peer: Cluster, api: Any, driver: Driver) -> None:
+    src_handle = _obj(api, "v1", "PersistentVolume",
+                      _obj(api, "v1", "PersistentVolumeClaim", "src")["spec"]["volumeName"], None)["spec"]["csi"][
+        "volumeHandle"]
+    dev_snap = _list(api, SNAP, "VolumeSnapshot", selector="team=dev")[0]["metadata"]["name"]
+    qa_snap = _list(api, SNAP, "VolumeSnapshot", selector="team=qa")[0]["metadata"]["name"]
+
+    r = clone(peer, "--delete", "--selector", "team=qa", "--wait", "60")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["src-clone-1 deleted", "src-clone-2 deleted", f"volumesnapshot/{qa_snap} deleted"]
+    # the dev clone and its snapshot are untouched; the source is never selected
+    assert [s["metadata"]["name"] for s in _list(api, SNAP, "VolumeSnapshot")] == [dev_snap]
+    assert sorted(p["metadata"]["name"] for p in _list(api, "v1", "PersistentVolumeClaim")) == ["dev-copy", "src"]
+
+    r = clone(peer, "--delete", "-l", "team=dev", "--wait", "60")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["dev-copy deleted", f"volumesnapshot/{dev_snap} deleted"]
+    r = clone(peer, "--delete", "-l", "team=dev")
+    assert (r.returncode, r.stdout, r.stderr.strip()) == (0, "", "no clones in clones match team=dev")
+
+    def only_source_left() -> bool:
+        pvs = [pv["spec"]["csi"]["volumeHandle"] for pv in _list(api, "v1", "PersistentVolume", None)]
+        return (pvs == [src_handle] and not _list(api, SNAP, "VolumeSnapshot", selector=MANAGED)
+                and not [c for c in _list(api, SNAP, "VolumeSnapshotContent", None) if c["spec"]["driver"] == DRIVER]
+                and driver.volumes_and_snapshots() == ({src_handle}, set()))
+
+    _wait("only the source volume left in Kubernetes and in the driver", only_source_left, timeout=60,
+          why=lambda: f"{driver.volumes_and_snapshots()}\n{peer.logs()}")
