@@ -124,12 +124,12 @@ def pump(eng: Engine, budget: int | None = None) -> int:
                 continue
             if m.copy_rate == 0:
                 continue
-            done, _ = eng._copy_step(m, t, 0, budget if budget is not None else 1 << 62)
-            moved += done or 1
+            done, cursor = eng._copy_step(m, t, 0, budget if budget is not None else 1 << 62)
+            moved += done or (cursor < 0)  # a copy that could not move (no space) is no progress
             total += done
         for v, _rate, m in clean_jobs:
-            done, _ = eng._clean_step(v, m, budget if budget is not None else 1 << 62)
-            moved += done or 1
+            done, finished = eng._clean_step(v, m, budget if budget is not None else 1 << 62)
+            moved += done or finished
             total += done
         with eng._lock:
             eng._commit()

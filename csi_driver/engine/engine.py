@@ -175,6 +175,8 @@ class Engine:
         self._last_commit = time.monotonic()
         self._unlink_later: list[_Vol] = []
         self.last_start_hold = 0.0
+        self._reserve_released = False
+        self._reserve_checked = 0.0
         # grain buffers for held writes, reused: a fresh 256 KiB allocation costs page faults on every write
         self._pool: dict[int, list[bytearray]] = {}
         os.makedirs(self.data_dir, exist_ok=True)
@@ -358,10 +360,12 @@ class Engine:
         path = self._reserve_path()
         with contextlib.suppress(OSError):
             if os.path.exists(path) and os.stat(path).st_blocks * 512 >= METADATA_RESERVE:
+                self._reserve_released = False
                 return
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 os.posix_fallocate(fd, 0, METADATA_RESERVE)
+                self._reserve_released = False
             except OSError:
                 os.ftruncate(fd, 0)
             finally:
@@ -373,7 +377,15 @@ class Engine:
             return False
         log.warning("state dir %s is full: releasing the metadata reserve", self.state_dir)
         os.truncate(path, 0)
+        self._reserve_released = True
         return True
+
+    def _check_copy_space(self) -> None:
+        """Once the metadata reserve is given up, copies must leave its worth of space for metadata commits."""
+        if self._reserve_released:
+            st = os.statvfs(self.state_dir)
+            if st.f_bavail * st.f_frsize < METADATA_RESERVE:
+                raise OSError(errno.ENOSPC, "No space left on device (kept for metadata)")
 
     def _maybe_commit(self) -> None:
         if self._pending_bytes >= PENDING_LIMIT:
@@ -421,6 +433,7 @@ class Engine:
         try:
             src = self._source_of(v, g)
             if g in src.pending:
+                self._check_copy_space()
                 self._store_grain(d, g, view())
             else:
                 self._copy_grain(src, d, g)  # in the kernel; a hole stays a hole
@@ -1560,9 +1573,17 @@ class Engine:
                 except OSError as e:
                     if e.errno not in NOSPACE_ERRNOS:
                         raise
-                    self._stop_dependents(t, f"out of space in background copy: {e.strerror}")
-                    self._commit()
-                    return done, -1
+                    # nothing is at risk (no write waits on this copy): wait for space instead of stopping the
+                    # mapping, which would take a clone the user already writes to offline
+                    why = f"background copy waiting for space: {e.strerror}"
+                    if m.error != why:
+                        m.error = why
+                        self._dirty_map(m)
+                        log.warning("mapping %s: %s", m.id, why)
+                    return done, cursor
+                if m.error:
+                    m.error = ""
+                    self._dirty_map(m)
                 t.bits.set(g)
                 self._bits_dirty["v:" + t.id] = (t.bits, t)
                 cursor = g + 1
@@ -1570,6 +1591,7 @@ class Engine:
         return done, cursor
 
     def _copy_grain(self, src: _Vol, dst: _Vol, g: int) -> None:
+        self._check_copy_space()
         off = g * src.grain
         n = min(src.grain, dst.size - off, src.size - off)
         img = src.pending.get(g)
@@ -1633,6 +1655,12 @@ class Engine:
         with self._lock:
             if self._closed:
                 return
+            now = time.monotonic()
+            if self._reserve_released and now - self._reserve_checked > 2.0:
+                self._reserve_checked = now  # space may have come back: hold the reserve again
+                st = os.statvfs(self.state_dir)
+                if st.f_bavail * st.f_frsize > 4 * METADATA_RESERVE:
+                    self._ensure_reserve()
             if (self._bits_dirty or self._ch or self._copy_dirty or self._pending_bytes) and \
                     time.monotonic() - self._last_commit >= self._commit_interval:
                 self._commit()

@@ -80,3 +80,28 @@ def test_host_write_out_of_space_is_a_clear_error(tiny_fs) -> None:
     finally:
         os.unlink(tiny_fs / "filler")
         eng.close()
+
+
+def test_background_copy_waits_for_space_and_the_clone_stays_usable(tiny_fs) -> None:
+    eng = Engine.open(str(tiny_fs / "state"), background=False)
+    try:
+        src = eng.create_volume("src", 32 * MiB, grain_size=64 * 1024)
+        data = os.urandom(6 * MiB)
+        eng.write(src.id, 0, data)
+        eng.flush()
+        fill(str(tiny_fs), leave=1 * MiB)
+        clone, m = eng.clone(src.id, "clone", copy_rate=150)
+        eng.run_copies()
+        info = eng.get_mapping(m.id)
+        assert info.state == MappingState.COPYING and "waiting for space" in info.error
+        assert info.progress < 100
+        assert eng.get_volume(clone.id).status == "online"
+        assert eng.read(clone.id, 0, 6 * MiB) == data  # still served through the source
+        eng.write(clone.id, 0, b"mine")  # the user's own writes to the clone keep working
+        os.unlink(tiny_fs / "filler")  # space comes back: the copy finishes and the clone is independent
+        eng.run_copies()
+        with pytest.raises(errors.NotFound):
+            eng.get_mapping(m.id)
+        assert eng.read(clone.id, 0, 6 * MiB) == b"mine" + data[4:]
+    finally:
+        eng.close()
