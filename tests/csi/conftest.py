@@ -33,7 +33,29 @@ def block_cap(mode: int = csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
                                     access_mode=csi_pb2.VolumeCapability.AccessMode(mode=mode))
 
 
-class CsiServer:
+class CsiStubs:
+    """The CSI service stubs over `self.channel` (shared by the subprocess and the in-process servers)."""
+
+    channel: grpc.Channel
+
+    @property
+    def identity(self) -> csi_pb2_grpc.IdentityStub:
+        return csi_pb2_grpc.IdentityStub(self.channel)
+
+    @property
+    def controller(self) -> csi_pb2_grpc.ControllerStub:
+        return csi_pb2_grpc.ControllerStub(self.channel)
+
+    @property
+    def group(self) -> csi_pb2_grpc.GroupControllerStub:
+        return csi_pb2_grpc.GroupControllerStub(self.channel)
+
+    @property
+    def node(self) -> csi_pb2_grpc.NodeStub:
+        return csi_pb2_grpc.NodeStub(self.channel)
+
+
+class CsiServer(CsiStubs):
     """One `csi-flashcopy serve` process; restartable on the same state dir."""
 
     def __init__(self, root: Path, *, mode: str = "all", extra: tuple[str, ...] = (),
@@ -119,21 +141,6 @@ class CsiServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    @property
-    def identity(self) -> csi_pb2_grpc.IdentityStub:
-        return csi_pb2_grpc.IdentityStub(self.channel)
-
-    @property
-    def controller(self) -> csi_pb2_grpc.ControllerStub:
-        return csi_pb2_grpc.ControllerStub(self.channel)
-
-    @property
-    def group(self) -> csi_pb2_grpc.GroupControllerStub:
-        return csi_pb2_grpc.GroupControllerStub(self.channel)
-
-    @property
-    def node(self) -> csi_pb2_grpc.NodeStub:
-        return csi_pb2_grpc.NodeStub(self.channel)
 
     # -- small helpers used across the suites
 

@@ -18,28 +18,16 @@ from csi_driver.csi.settings import Settings
 from csi_driver.engine import Engine
 from csi_driver.proto_gen import csi_pb2, csi_pb2_grpc
 from csi_driver.server import bind, build_server
-from tests.csi.conftest import NODE_ID, MiB, mount_cap, rpc_code
+from tests.csi.conftest import NODE_ID, CsiStubs, MiB, mount_cap, rpc_code
 
 C = grpc.StatusCode
 
 
 @dataclass
-class InProc:
+class InProc(CsiStubs):
     driver: Driver
     engine: Engine
     channel: grpc.Channel
-
-    @property
-    def controller(self) -> csi_pb2_grpc.ControllerStub:
-        return csi_pb2_grpc.ControllerStub(self.channel)
-
-    @property
-    def group(self) -> csi_pb2_grpc.GroupControllerStub:
-        return csi_pb2_grpc.GroupControllerStub(self.channel)
-
-    @property
-    def identity(self) -> csi_pb2_grpc.IdentityStub:
-        return csi_pb2_grpc.IdentityStub(self.channel)
 
     def volume(self, name: str, size: int = 4 * MiB, **params: str) -> str:
         return self.controller.CreateVolume(csi_pb2.CreateVolumeRequest(
