@@ -6,7 +6,6 @@ Everything here is real: engine, FUSE export, loop devices with direct I/O, mkfs
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import subprocess
 
@@ -15,30 +14,13 @@ import pytest
 from csi_driver.datapath import privileged
 from csi_driver.engine import errors
 from tests.datapath.conftest import needs_kernel
+from tests.datapath.csi_node import check_files, write_files
 
 pytestmark = [needs_kernel, pytest.mark.root]
 
 MiB = 1 << 20
 # mkfs.xfs refuses filesystems under 300 MiB
 SIZES = {"ext4": 64 * MiB, "xfs": 320 * MiB}
-
-
-def write_files(root: str, n: int, seed: str, size: int = 300_000) -> dict[str, str]:
-    """Write n files of pseudo-random bytes (no fsync: the freeze must flush them); name -> sha256."""
-    digests = {}
-    for i in range(n):
-        data = hashlib.sha256(f"{seed}-{i}".encode()).digest() * (size // 32)
-        name = f"f{i:03d}"
-        with open(os.path.join(root, name), "wb") as f:
-            f.write(data)
-        digests[name] = hashlib.sha256(data).hexdigest()
-    return digests
-
-
-def check_files(root: str, digests: dict[str, str]) -> None:
-    for name, digest in digests.items():
-        with open(os.path.join(root, name), "rb") as f:
-            assert hashlib.sha256(f.read()).hexdigest() == digest, name
 
 
 @pytest.mark.parametrize("fs", ["ext4", "xfs"])
