@@ -205,6 +205,20 @@ def _kill_leftovers(pids: list[int], state: Path) -> None:
         if str(state).encode() in cmd:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+            _wait_dead(pid)
+
+
+def _wait_dead(pid: int, timeout: float = 10.0) -> None:
+    """Until pid has exited (gone, or a zombie whose parent has not reaped it yet)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return
+        if state in ("Z", "X"):
+            return
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
