@@ -13,22 +13,17 @@ from collections.abc import Iterator
 import pytest
 
 from csi_driver.datapath import privileged
+from csi_driver.datapath.launcher import datapath_unavailable
 
 
 def _why_no_kernel() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (loop devices, FUSE, mount)"
-    if not os.path.exists("/dev/fuse"):
-        return "no /dev/fuse in this environment"
-    if not os.path.exists("/dev/loop-control"):
-        return "no /dev/loop-control (loop devices unavailable)"
+    # what the driver itself checks before it runs the data path, plus the host tools the tests drive
+    why = datapath_unavailable()
+    if why:
+        return f"the kernel data path cannot run here: {why} (needs root, /dev/fuse, loop devices, libfuse3)"
     for tool in ("losetup", "mkfs.ext4", "mkfs.xfs", "blkid", "mount", "resize2fs", "xfs_growfs"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed"
-    try:
-        import mfusepy  # noqa: F401
-    except (ImportError, OSError) as e:
-        return f"mfusepy/libfuse3 unavailable: {e}"
     return None
 
 

@@ -11,26 +11,20 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.k8s.test_k8s_flow import (
-    DOWN,
     DRIVER,
     NODE,
     SKIP,
-    UP,
     Cluster,
     Driver,
     GiB,
-    _free_port,
-    _kill_leftovers,
-    _peer_bin,
-    _recorded_pids,
     _wait,
     quantity_bytes,
+    running_peer,
 )
 from tests.packaging import packaging_manifests as pm
 
@@ -43,30 +37,8 @@ MANAGED = "app.kubernetes.io/managed-by=csi-flashcopy-clone"
 
 @pytest.fixture(scope="module")
 def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    state = tmp_path_factory.mktemp("k8s-clone-peer")
-    env = dict(os.environ)
-    env.update({
-        "STATE": str(state), "SIDECARS": "provisioner snapshotter",
-        "APISERVER_PORT": str(_free_port()), "ETCD_PORT": str(_free_port()),
-        "ETCD_PEER_PORT": str(_free_port()), "KCM_PORT": str(_free_port()), "V": "2",
-        "PEER_BIN": str(_peer_bin()),
-    })
-    env.pop("KUBECONFIG", None)
-    c = Cluster(state, state / "admin.kubeconfig", Path(env["PEER_BIN"]), env)
-    try:
-        up = subprocess.run(["bash", str(UP)], env=env, capture_output=True, text=True, timeout=300)
-        assert up.returncode == 0, f"up.sh failed:\n{up.stdout}\n{up.stderr}"
-        c.env = dict(env, KUBECONFIG=str(c.kubeconfig))
+    with running_peer(tmp_path_factory.mktemp("k8s-clone-peer"), "provisioner snapshotter") as c:
         yield c
-    finally:
-        for p in reversed(list(c.procs.values())):
-            p.stop()
-        pids = _recorded_pids(state)
-        subprocess.run(["bash", str(DOWN)], env=dict(env, WIPE="1"), capture_output=True, timeout=120)
-        _kill_leftovers(pids, state)
-        left = [pid for pid in pids if Path(f"/proc/{pid}").exists()
-                and str(state).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()]
-        assert not left, f"peer processes still running: {left}"
 
 
 @pytest.fixture(scope="module")

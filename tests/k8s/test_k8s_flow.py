@@ -160,31 +160,43 @@ def _peer_bin() -> Path:
     return bin_dir
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    state = tmp_path_factory.mktemp("k8s-peer")
+@contextlib.contextmanager
+def running_peer(state: Path, sidecars: str, *, wipe: bool = True) -> Iterator[Cluster]:
+    """The control plane of ../shared/peers/k8s on loopback for `state`, with the up.sh `sidecars` ("" for none).
+    On exit everything it started is stopped, and a process of it still running fails the test."""
     env = dict(os.environ)
     env.update({
-        "STATE": str(state), "SIDECARS": "",  # the sidecars are started below, with the manifests' args
+        "STATE": str(state), "SIDECARS": sidecars,
         "APISERVER_PORT": str(_free_port()), "ETCD_PORT": str(_free_port()),
         "ETCD_PEER_PORT": str(_free_port()), "KCM_PORT": str(_free_port()), "V": "2",
+        "PEER_BIN": str(_peer_bin()),
     })
-    env["PEER_BIN"] = str(_peer_bin())
     env.pop("KUBECONFIG", None)
-    up = subprocess.run(["bash", str(UP)], env=env, capture_output=True, text=True, timeout=300)
     c = Cluster(state, state / "admin.kubeconfig", Path(env["PEER_BIN"]), env)
     try:
+        up = subprocess.run(["bash", str(UP)], env=env, capture_output=True, text=True, timeout=300)
         assert up.returncode == 0, f"up.sh failed:\n{up.stdout}\n{up.stderr}"
         c.env = dict(env, KUBECONFIG=str(c.kubeconfig))
         yield c
     finally:
         for p in reversed(list(c.procs.values())):
             p.stop()
-        # PACKAGING_KEEP_STATE=1 keeps $STATE (logs of every component) for a post-mortem
-        wipe = "" if os.environ.get("PACKAGING_KEEP_STATE") else "1"
         pids = _recorded_pids(state)
-        subprocess.run(["bash", str(DOWN)], env=dict(env, WIPE=wipe), capture_output=True, timeout=120)
+        subprocess.run(["bash", str(DOWN)], env=dict(env, WIPE="1" if wipe else ""), capture_output=True,
+                       timeout=120)
         _kill_leftovers(pids, state)
+        left = [pid for pid in pids if Path(f"/proc/{pid}").exists()
+                and str(state).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert not left, f"peer processes still running: {left}"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    # the sidecars are started by the tests, with the manifests' args; PACKAGING_KEEP_STATE=1 keeps $STATE
+    # (logs of every component) for a post-mortem
+    with running_peer(tmp_path_factory.mktemp("k8s-peer"), "",
+                      wipe=not os.environ.get("PACKAGING_KEEP_STATE")) as c:
+        yield c
 
 
 def _recorded_pids(state: Path) -> list[int]:
