@@ -1,10 +1,13 @@
 # Two entry points for a fresh Debian machine (run as root):
-#   make run    install, then serve the CSI driver on ./state with the engine embedded
-#   make test   install everything the tests need, then run all the tests
+#   make run    install, then serve the CSI driver on ./state: serve --mode all, which starts the node engine
+#               process (volume data, FUSE exports) and stops it again on Ctrl-C/SIGTERM, leaving nothing behind
+#   make test   install everything the tests need, then lint, type-check and run all the tests
+# Also: make bench (every benchmark; BENCH_ARGS=--quick for a smoke run), make lint, make typecheck.
 PYTHON ?= python3
 STATE ?= $(CURDIR)/state
+BENCH_ARGS ?=
 
-.PHONY: setup setup-python setup-system run test lint bench
+.PHONY: setup setup-python setup-system run test lint typecheck bench
 
 setup-system:
 	bash .ci/setup-system.sh
@@ -22,8 +25,11 @@ run: setup-system setup-python
 lint:
 	$(PYTHON) -m ruff check .
 
-test: setup
+typecheck:
+	$(PYTHON) -m mypy
+
+test: setup typecheck
 	$(PYTHON) -m pytest -q
 
 bench: setup-python
-	$(PYTHON) -m bench.run_all
+	$(PYTHON) -m bench.run_all $(BENCH_ARGS)

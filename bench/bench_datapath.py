@@ -210,7 +210,7 @@ class FullPath:
     """The engine and its DataPath in this process (the FUSE loop runs on its own threads)."""
 
     def __init__(self, res: Resources, state_dir: str):
-        from csi_driver.datapath.node import DataPath
+        from csi_driver.datapath import DataPath
         from csi_driver.engine import Engine
 
         self.engine = Engine.open(state_dir)

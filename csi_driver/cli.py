@@ -85,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
         "auto: process when the node data path is served (env CSI_ENGINE_MODE)",
     )
     serve.add_argument(
+        "--keep-engine",
+        action="store_true",
+        default=_env("CSI_KEEP_ENGINE", "") in ("1", "true", "yes"),
+        help="with --engine auto: leave a node engine process this server started running when it stops, so "
+        "a restart of the server never interrupts volume I/O (env CSI_KEEP_ENGINE=1); by default it is "
+        "stopped with the server",
+    )
+    serve.add_argument(
         "--max-volumes-per-node",
         type=int,
         default=int(_env("CSI_MAX_VOLUMES_PER_NODE", "0")),
@@ -120,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_serve(args)
     if args.command == "engine":
-        from csi_driver.datapath.daemon import run_engine
+        from csi_driver.remote.service import run_engine
 
         return run_engine(args)
     if args.command == "demo":

@@ -1,9 +1,13 @@
-"""Process wiring for `csi-flashcopy serve`: endpoint, gRPC server, services per --mode, signals, metrics.
+"""Process wiring for `csi-flashcopy serve`: backend choice, endpoint, gRPC server, services per --mode,
+signals, metrics. The only module that knows every layer: it picks the Backend (an engine in this process with
+its node data path injected, or the node engine process) and hands it to the servicers, which see only
+csi_driver.api.
 
 Start-up order: bind the socket (0600, a stale one replaced) and start serving at once, so the sidecars and
 the liveness probe can connect; then open the Backend (retrying while another process still holds the state
 dir, e.g. the previous pod during a rolling update). Probe says ready only once the Backend is open.
-SIGTERM/SIGINT: stop accepting, let in-flight calls finish (grace period), flush and close the engine, exit 0.
+SIGTERM/SIGINT: stop accepting, let in-flight calls finish (grace period), flush and close the engine (or
+stop the node engine process this serve started, unless --keep-engine), exit 0.
 """
 
 from __future__ import annotations
@@ -14,8 +18,6 @@ import http.server
 import logging
 import os
 import signal
-import socket
-import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,17 +26,23 @@ from typing import Any
 import grpc
 
 from csi_driver import __version__
-from csi_driver.csi.backend import Backend, check_engine_mode, make_backend
+from csi_driver.api import StorageBackend
 from csi_driver.csi.controller import ControllerServicer
 from csi_driver.csi.driver import BackendSlot, Driver
 from csi_driver.csi.group_controller import GroupControllerServicer
 from csi_driver.csi.identity import IdentityServicer
-from csi_driver.csi.logs import configure_logging
 from csi_driver.csi.node import NodeServicer
 from csi_driver.csi.rpc import Metrics, RpcInterceptor
 from csi_driver.csi.settings import Settings
+from csi_driver.datapath import DataPath, datapath_unavailable
+from csi_driver.embedded import EmbeddedBackend
+from csi_driver.engine import Engine
 from csi_driver.engine import errors as engine_errors
+from csi_driver.logs import configure_logging
 from csi_driver.proto_gen import csi_pb2_grpc
+from csi_driver.remote.client import RemoteBackend
+from csi_driver.remote.launcher import StartedEngine, ensure_engine
+from csi_driver.sockets import bind, parse_endpoint, unix_endpoint
 
 log = logging.getLogger("csi_flashcopy.server")
 
@@ -42,46 +50,70 @@ GRACE_SECONDS = 30.0
 MAX_WORKERS = 16
 
 
-def parse_endpoint(endpoint: str) -> tuple[str, str]:
-    """("unix", "/path/csi.sock") or ("tcp", "host:port")."""
-    if endpoint.startswith("unix://"):
-        path = endpoint[len("unix://"):]
-    elif endpoint.startswith("unix:"):
-        path = endpoint[len("unix:"):]
-    elif endpoint.startswith("tcp://"):
-        addr = endpoint[len("tcp://"):]
-        if not addr or ":" not in addr:
-            raise ValueError(f"tcp endpoint needs host:port: {endpoint!r}")
-        return "tcp", addr
-    elif endpoint.startswith("/"):
-        path = endpoint
-    else:
-        raise ValueError(f"unsupported endpoint {endpoint!r} (expected unix:///path or tcp://host:port)")
-    if not path:
-        raise ValueError(f"empty socket path in {endpoint!r}")
-    return "unix", os.path.abspath(path)
+# ------------------------------------------------------------------------------------------- backend choice
 
 
-def prepare_socket_path(path: str) -> None:
-    """Make the parent directory; replace a stale socket; refuse to steal a live one or clobber a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
+def engine_endpoint(args: argparse.Namespace) -> str:
+    """--engine-endpoint, default unix://<state-dir>/engine.sock."""
+    return getattr(args, "engine_endpoint", "") or unix_endpoint(os.path.join(args.state_dir, "engine.sock"))
+
+
+def resolved_engine_mode(args: argparse.Namespace) -> str:
+    """"embedded", "process" (use, never start) or "auto" (use, start when none answers)."""
+    mode = getattr(args, "engine", "auto")
+    if mode != "auto":
+        return str(mode)
+    if getattr(args, "mode", "all") not in ("all", "node"):
+        return "embedded"  # a controller alone has no data path to keep alive
+    why = datapath_unavailable()
+    if why:
+        log.warning("no kernel data path (%s): the engine runs embedded, volumes cannot be staged here", why)
+        return "embedded"
+    return "auto"
+
+
+def check_engine_mode(args: argparse.Namespace) -> None:
+    """Refuse, before anything is bound or opened, an engine setting that cannot work."""
+    if getattr(args, "engine", "auto") == "embedded":
         return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise RuntimeError(f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(1.0)
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)  # nobody listens: stale from a previous run
-        log.info("removed stale socket", extra={"fields": {"path": path}})
-        return
-    finally:
-        probe.close()
-    raise RuntimeError(f"another server is listening on {path}")
+    endpoint = engine_endpoint(args)
+    if parse_endpoint(endpoint)[0] != "unix":
+        raise ValueError(f"--engine-endpoint must be a unix socket (unix:///path), not {endpoint!r}")
+
+
+def make_backend(args: argparse.Namespace) -> tuple[StorageBackend, StartedEngine | None]:
+    """Choose the Backend from `serve` arguments; the second value is a node engine process started here.
+
+    - `--engine embedded`: the engine opened in this process on --state-dir, with the node data path in this
+      process too (started at once when serving the node, so staged volumes are re-adopted and a snapshot
+      taken before the first Node call is frozen too; lazy where the host has no data path);
+    - `--engine process`: a client of the node engine process at --engine-endpoint, which something else
+      runs (the chart's engine container). It is never started from here; Probe answers ready and calls
+      succeed once it answers, UNAVAILABLE until then;
+    - `--engine auto`: with the node service (--mode all|node) and a usable kernel data path, the node
+      engine process, started when none answers; otherwise embedded.
+    """
+    check_engine_mode(args)
+    state_dir: str = args.state_dir
+    mode = resolved_engine_mode(args)
+    if mode == "embedded":
+        node = getattr(args, "mode", "all") in ("all", "node") and not datapath_unavailable()
+
+        def datapath(engine: Engine) -> DataPath:
+            return DataPath(engine, engine.state_dir)
+
+        return EmbeddedBackend.open(state_dir, datapath=datapath, node=node), None
+    endpoint = engine_endpoint(args)
+    if mode == "process":
+        backend = RemoteBackend(endpoint)
+        if not backend.is_ready():
+            log.warning("the node engine process does not answer yet; not ready until it does",
+                        extra={"fields": {"engine_endpoint": endpoint}})
+        return backend, None
+    return ensure_engine(state_dir, endpoint)
+
+
+# ------------------------------------------------------------------------------------------------- serving
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -109,23 +141,6 @@ def build_server(driver: Driver, metrics: Metrics | None = None, max_workers: in
     if s.serves_node:
         csi_pb2_grpc.add_NodeServicer_to_server(NodeServicer(driver), server)
     return server
-
-
-def bind(server: grpc.Server, endpoint: str) -> str | None:
-    """Bind the endpoint; returns the unix socket path (None for tcp)."""
-    kind, addr = parse_endpoint(endpoint)
-    if kind == "tcp":
-        if server.add_insecure_port(addr) == 0:
-            raise RuntimeError(f"cannot bind {addr}")
-        return None
-    prepare_socket_path(addr)
-    old = os.umask(0o177)  # the socket is born 0600: no window where others may connect
-    try:
-        if server.add_insecure_port(f"unix:{addr}") == 0:
-            raise RuntimeError(f"cannot bind unix socket {addr}")
-    finally:
-        os.umask(old)
-    return addr
 
 
 def _metrics_server(address: str, metrics: Metrics, slot: BackendSlot) -> http.server.ThreadingHTTPServer:
@@ -156,7 +171,8 @@ def _metrics_server(address: str, metrics: Metrics, slot: BackendSlot) -> http.s
     return httpd
 
 
-def _open_backend(args: argparse.Namespace, stop: threading.Event) -> Backend | None:
+def _open_backend(args: argparse.Namespace, stop: threading.Event
+                  ) -> tuple[StorageBackend, StartedEngine | None] | None:
     delay = 0.2
     while not stop.is_set():
         try:
@@ -185,7 +201,7 @@ def run_serve(args: argparse.Namespace) -> int:
     server = build_server(driver, metrics)
     try:
         sock_path = bind(server, args.endpoint)
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, OSError) as e:
         log.error("cannot listen", extra={"fields": {"endpoint": args.endpoint, "error": str(e)}})
         return 1
     stop = threading.Event()
@@ -206,10 +222,12 @@ def run_serve(args: argparse.Namespace) -> int:
         "node_id": settings.node_id, "version": __version__, "state_dir": args.state_dir}})
 
     code = 0
+    started: StartedEngine | None = None
     try:
         t0 = time.monotonic()
-        backend = _open_backend(args, stop)
-        if backend is not None:
+        opened = _open_backend(args, stop)
+        if opened is not None:
+            backend, started = opened
             slot.set(backend)
             log.info("engine open", extra={"fields": {"state_dir": args.state_dir,
                                                       "seconds": round(time.monotonic() - t0, 3)}})
@@ -225,6 +243,14 @@ def run_serve(args: argparse.Namespace) -> int:
     except Exception:
         log.exception("engine close failed")
         code = 1
+    if started is not None:
+        if getattr(args, "keep_engine", False):
+            log.info("leaving the node engine process running (--keep-engine)",
+                     extra={"fields": {"pid": started.pid}})
+        else:
+            log.info("stopping the node engine process this server started", extra={"fields": {"pid": started.pid}})
+            if not started.stop():
+                code = 1
     if httpd is not None:
         httpd.shutdown()
     if sock_path:

@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import grpc
 
+from csi_driver.api import Backend, Volume
 from csi_driver.csi import objects as o
-from csi_driver.csi.backend import Backend, Volume
 from csi_driver.csi.driver import Driver
-from csi_driver.csi.errors import CsiError, already_exists, invalid, not_found, out_of_range
+from csi_driver.csi.errors import (
+    CsiError,
+    already_exists,
+    failed_precondition,
+    invalid,
+    not_found,
+    out_of_range,
+    resource_exhausted,
+)
 from csi_driver.csi.params import parse_snapshot_params, parse_volume_params
 from csi_driver.csi.settings import Settings
 from csi_driver.csi.validation import (
@@ -77,8 +85,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             return
         key, node = self.settings.topology_key, self.settings.node_id
         if not any(t.segments.get(key) == node for t in req.requisite):
-            raise CsiError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                           f"accessibility_requirements: none of the requisite topologies is {key}={node}")
+            raise resource_exhausted(f"accessibility_requirements: none of the requisite topologies is {key}={node}")
 
     def CreateVolume(self, request: csi_pb2.CreateVolumeRequest, context: grpc.ServicerContext
                      ) -> csi_pb2.CreateVolumeResponse:
@@ -270,8 +277,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
                 if o.is_snapshot(v):
                     group = v.attrs.get(o.GROUP)
                     if group:
-                        raise CsiError(grpc.StatusCode.FAILED_PRECONDITION,
-                                       f"snapshot {sid} belongs to group snapshot {group}: delete the group")
+                        raise failed_precondition(f"snapshot {sid} belongs to group snapshot {group}: delete the group")
                     # volumes restored from it keep reading through it: the engine reclaims it later
                     backend.delete_volume(sid)
             except engine_errors.NotFound:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from csi_driver.csi.backend import Backend
+from csi_driver.api import StorageBackend
 from csi_driver.csi.errors import unavailable
 from csi_driver.csi.locks import KeyedTryLock
 from csi_driver.csi.settings import Settings
@@ -15,16 +15,16 @@ class BackendSlot:
     """Holds the Backend once it is open. Until then (and while shutting down) RPCs get UNAVAILABLE and
     Probe answers ready=false, so the gRPC socket can be up before a slow engine recovery finishes."""
 
-    def __init__(self, backend: Backend | None = None) -> None:
+    def __init__(self, backend: StorageBackend | None = None) -> None:
         self._mu = threading.Lock()
         self._backend = backend
         self._closing = False
 
-    def set(self, backend: Backend) -> None:
+    def set(self, backend: StorageBackend) -> None:
         with self._mu:
             self._backend = backend
 
-    def get(self) -> Backend:
+    def get(self) -> StorageBackend:
         with self._mu:
             backend, closing = self._backend, self._closing
         if backend is None:
@@ -52,5 +52,5 @@ class Driver:
     locks: KeyedTryLock = field(default_factory=KeyedTryLock)
 
     @property
-    def backend(self) -> Backend:
+    def backend(self) -> StorageBackend:
         return self.slot.get()

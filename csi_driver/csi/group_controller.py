@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 import grpc
 
+from csi_driver.api import Backend, SnapshotItem, Volume
 from csi_driver.csi import objects as o
-from csi_driver.csi.backend import Backend, SnapshotItem, Volume
 from csi_driver.csi.controller import get_kind
 from csi_driver.csi.driver import Driver
 from csi_driver.csi.errors import already_exists, invalid, not_found

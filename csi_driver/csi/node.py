@@ -13,19 +13,18 @@ path's parent must exist. Unpublish/unstage only ever undo what the data path it
 from __future__ import annotations
 
 import os
-import re
 
 import grpc
 
+from csi_driver.api import NodeBackend
 from csi_driver.csi import objects as o
-from csi_driver.csi.backend import NodeBackend
 from csi_driver.csi.controller import get_kind
 from csi_driver.csi.driver import Driver
-from csi_driver.csi.errors import CsiError, failed_precondition, invalid, not_found
+from csi_driver.csi.errors import CsiError, failed_precondition, invalid, not_found, out_of_range
 from csi_driver.csi.validation import MODE, capacity_range, check_capability_shape, require_id, unsupported_reason
+from csi_driver.engine.model import has_control_chars
 from csi_driver.proto_gen import csi_pb2, csi_pb2_grpc
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 READ_ONLY_MODES = frozenset({MODE.SINGLE_NODE_READER_ONLY, MODE.MULTI_NODE_READER_ONLY})
 PATH_MAX = 4096
 
@@ -36,7 +35,7 @@ def require_path(value: str, field: str) -> str:
         raise invalid(field, "required")
     if len(value.encode()) > PATH_MAX:
         raise invalid(field, f"longer than {PATH_MAX} bytes")
-    if _CONTROL.search(value):
+    if has_control_chars(value):
         raise invalid(field, "contains control characters")
     if not value.startswith("/"):
         raise invalid(field, f"must be an absolute path, got {value[:200]!r}")
@@ -74,7 +73,7 @@ def mount_flags(cap: csi_pb2.VolumeCapability) -> list[str]:
         return []
     flags = list(cap.mount.mount_flags)
     for i, flag in enumerate(flags):
-        if not flag or _CONTROL.search(flag):
+        if not flag or has_control_chars(flag):
             raise invalid(f"volume_capability.mount.mount_flags[{i}]", "empty or contains control characters")
     return flags
 
@@ -84,11 +83,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self.driver = driver
 
     def _node(self) -> NodeBackend:
-        backend = self.driver.backend  # UNAVAILABLE until the engine is open
-        if not isinstance(backend, NodeBackend):
-            raise CsiError(grpc.StatusCode.FAILED_PRECONDITION,
-                           f"this server's engine backend ({type(backend).__name__}) has no node data path")
-        return backend
+        return self.driver.backend  # UNAVAILABLE until the engine is open
 
     def NodeGetInfo(self, request: csi_pb2.NodeGetInfoRequest, context: grpc.ServicerContext
                     ) -> csi_pb2.NodeGetInfoResponse:
@@ -196,6 +191,5 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         with self.driver.locks.hold(f"node-volume:{vid}"):
             capacity = node.node_expand(vid, path, required)
         if limit and capacity > limit:
-            raise CsiError(grpc.StatusCode.OUT_OF_RANGE,
-                           f"the volume already holds {capacity} bytes, more than limit_bytes {limit}")
+            raise out_of_range(f"the volume already holds {capacity} bytes, more than limit_bytes {limit}")
         return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=capacity)

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from csi_driver.csi.backend import Volume
+from csi_driver.api import Volume
 from csi_driver.csi.errors import aborted
 from csi_driver.csi.settings import Settings
 from csi_driver.csi.validation import is_valid_id

@@ -12,13 +12,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from csi_driver.csi.errors import invalid
-from csi_driver.engine.model import DEFAULT_CLEAN_RATE, DEFAULT_COPY_RATE, DEFAULT_GRAIN, KiB
+from csi_driver.engine.model import (
+    DEFAULT_CLEAN_RATE,
+    DEFAULT_COPY_RATE,
+    DEFAULT_GRAIN,
+    GRAIN_SPELLINGS,
+    RATE_MAX,
+    RATE_MIN,
+    valid_rate,
+)
 
 SIDECAR_PREFIX = "csi.storage.k8s.io/"
-GRAIN_SPELLINGS = {
-    "64Ki": 64 * KiB, "64KiB": 64 * KiB, str(64 * KiB): 64 * KiB,
-    "256Ki": 256 * KiB, "256KiB": 256 * KiB, str(256 * KiB): 256 * KiB,
-}
 
 
 @dataclass(frozen=True)
@@ -59,9 +63,9 @@ def _rate(field: str, key: str, value: str) -> int:
     try:
         rate = int(value.strip(), 10)
     except ValueError:
-        raise invalid(f"{field}[{key}]", f"must be an integer 0-150, got {value!r}") from None
-    if not 0 <= rate <= 150:
-        raise invalid(f"{field}[{key}]", f"must be 0-150, got {rate}")
+        raise invalid(f"{field}[{key}]", f"must be an integer {RATE_MIN}-{RATE_MAX}, got {value!r}") from None
+    if not valid_rate(rate):
+        raise invalid(f"{field}[{key}]", f"must be {RATE_MIN}-{RATE_MAX}, got {rate}")
     return rate
 
 

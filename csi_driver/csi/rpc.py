@@ -1,6 +1,6 @@
 """One server interceptor does the cross-cutting work for every unary RPC.
 
-- maps any exception to a gRPC status through csi_driver.csi.errors.to_status (INTERNAL + traceback for
+- maps any exception to a gRPC status through csi_driver.status.status_for (INTERNAL + traceback for
   the unexpected ones), so servicer bodies hold business logic only;
 - writes exactly one log line per RPC: method, the request's ids, gRPC code, duration (and the error
   message when not OK). Only named id fields are logged, never the request itself, so secrets cannot leak;
@@ -19,8 +19,9 @@ from typing import Any
 import grpc
 from google.protobuf.message import Message
 
-from csi_driver.csi.errors import invalid, to_status
+from csi_driver.csi.errors import invalid
 from csi_driver.csi.logs import short_text
+from csi_driver.status import status_for
 
 log = logging.getLogger("csi_flashcopy.rpc")
 
@@ -31,7 +32,8 @@ ID_FIELDS = ("name", "volume_id", "snapshot_id", "source_volume_id", "group_snap
 QUIET_METHODS = frozenset({"Probe"})
 
 
-def request_ids(request: Message) -> dict[str, Any]:
+def request_ids(request: Any) -> dict[str, Any]:
+    """The ids a request names (read by field name, from any request type)."""
     out: dict[str, Any] = {}
     fields = request.DESCRIPTOR.fields_by_name
     for name in ID_FIELDS:
@@ -58,17 +60,18 @@ def response_ids(response: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if not isinstance(response, Message):
         return out
-    fields = response.DESCRIPTOR.fields_by_name
-    if "volume" in fields and response.HasField("volume"):
-        out["result_volume_id"] = response.volume.volume_id
-    if "snapshot" in fields and response.HasField("snapshot"):
-        out["result_snapshot_id"] = response.snapshot.snapshot_id
-    if "group_snapshot" in fields and response.HasField("group_snapshot"):
-        out["result_group_snapshot_id"] = response.group_snapshot.group_snapshot_id
+    r: Any = response  # fields are read by name, from any response type
+    fields = r.DESCRIPTOR.fields_by_name
+    if "volume" in fields and r.HasField("volume"):
+        out["result_volume_id"] = r.volume.volume_id
+    if "snapshot" in fields and r.HasField("snapshot"):
+        out["result_snapshot_id"] = r.snapshot.snapshot_id
+    if "group_snapshot" in fields and r.HasField("group_snapshot"):
+        out["result_group_snapshot_id"] = r.group_snapshot.group_snapshot_id
     if "entries" in fields:
-        out["entries"] = len(response.entries)
-        if response.next_token:
-            out["next_token"] = response.next_token
+        out["entries"] = len(r.entries)
+        if r.next_token:
+            out["next_token"] = r.next_token
     return out
 
 
@@ -109,14 +112,14 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-class RpcInterceptor(grpc.ServerInterceptor):
+class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]  # generic in the stubs only
     def __init__(self, metrics: Metrics | None = None) -> None:
         self.metrics = metrics
 
     def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
@@ -148,8 +151,9 @@ class RpcInterceptor(grpc.ServerInterceptor):
                 response = inner(request, context)
                 return response
             except Exception as exc:
-                code, message, unexpected = to_status(exc)
-                if unexpected:
+                st = status_for(exc)
+                code, message = st.code, st.message
+                if st.unexpected:
                     log.error("unexpected error", exc_info=True,
                               extra={"fields": {"method": method, **_ids(request, request_ids)}})
                 context.abort(code, message)

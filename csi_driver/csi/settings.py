@@ -99,15 +99,15 @@ class Settings:
 
     def controller_capabilities(self) -> list[csi_pb2.ControllerServiceCapability]:
         rpc = csi_pb2.ControllerServiceCapability.RPC
-        return [csi_pb2.ControllerServiceCapability(rpc=rpc(type=rpc.Type.Value(n))) for n in self.controller_rpcs]
+        return [csi_pb2.ControllerServiceCapability(rpc=rpc(type=n)) for n in self.controller_rpcs]
 
     def group_controller_capabilities(self) -> list[csi_pb2.GroupControllerServiceCapability]:
         rpc = csi_pb2.GroupControllerServiceCapability.RPC
         return [
-            csi_pb2.GroupControllerServiceCapability(rpc=rpc(type=rpc.Type.Value(n)))
+            csi_pb2.GroupControllerServiceCapability(rpc=rpc(type=n))
             for n in self.group_controller_rpcs
         ]
 
     def node_capabilities(self) -> list[csi_pb2.NodeServiceCapability]:
         rpc = csi_pb2.NodeServiceCapability.RPC
-        return [csi_pb2.NodeServiceCapability(rpc=rpc(type=rpc.Type.Value(n))) for n in self.node_rpcs]
+        return [csi_pb2.NodeServiceCapability(rpc=rpc(type=n)) for n in self.node_rpcs]

@@ -6,28 +6,23 @@ used as (part of) a path without having been checked here first.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 from csi_driver.csi.errors import invalid
 from csi_driver.csi.settings import Settings
+from csi_driver.engine.model import ID_PATTERN, has_control_chars, valid_id
 from csi_driver.proto_gen import csi_pb2
 
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MAX_NAME_BYTES = 128  # the CSI spec's string size limit
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MODE = csi_pb2.VolumeCapability.AccessMode.Mode
-
-
-def is_valid_id(value: str) -> bool:
-    return bool(ID_RE.match(value))
+is_valid_id = valid_id  # the engine's id grammar: an id checked here is safe to use in a file name
 
 
 def require_id(value: str, field: str) -> str:
     if not value:
         raise invalid(field, "required")
-    if not ID_RE.match(value):
-        raise invalid(field, f"malformed id {value[:140]!r} (expected {ID_RE.pattern})")
+    if not valid_id(value):
+        raise invalid(field, f"malformed id {value[:140]!r} (expected {ID_PATTERN})")
     return value
 
 
@@ -36,7 +31,7 @@ def require_name(value: str, field: str = "name") -> str:
         raise invalid(field, "required")
     if len(value.encode()) > MAX_NAME_BYTES:
         raise invalid(field, f"longer than {MAX_NAME_BYTES} bytes")
-    if _CONTROL.search(value):
+    if has_control_chars(value):
         raise invalid(field, "contains control characters")
     return value
 

@@ -1,6 +1,7 @@
 """Node data path over an engine: stage/publish/unstage/unpublish/stats/expand and the snapshot quiesce hook.
 
-Used by the node engine process (daemon.py), and in-process by an embedded backend. Every operation checks
+Used by the node engine process (csi_driver.remote.service), and in-process by an embedded backend (it
+satisfies api.NodeDataPath). Every operation checks
 the live system (mount table, loop devices) as well as its crash-safe staging records, so it is idempotent
 and repairs half-done work; teardown goes in the reverse order of setup (unmount, detach loop, remove the
 export) and keeps going past individual failures, raising them together at the end.
@@ -18,7 +19,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from csi_driver.csi.backend import NodeStats  # the record the NodeBackend protocol returns
+from csi_driver.api import NodeStats  # the record the NodeBackend protocol returns
 from csi_driver.datapath import privileged
 from csi_driver.datapath.fuse_export import EngineVolume, FuseExport
 from csi_driver.engine import errors
@@ -127,6 +128,10 @@ class DataPath:
     def staged(self) -> list[StageRecord]:
         with self._lock:
             return [dataclasses.replace(r, publishes=dict(r.publishes)) for r in self._records.items.values()]
+
+    def staged_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._records.items)
 
     def record(self, volume_id: str) -> StageRecord | None:
         with self._lock:
@@ -533,3 +538,18 @@ class DataPath:
 
     def node_expand(self, volume_id: str, volume_path: str, required_bytes: int) -> int:
         return self.expand(volume_id, volume_path, required_bytes)
+
+
+def datapath_unavailable() -> str | None:
+    """Why this host cannot run the kernel data path (FUSE export + loop devices), or None."""
+    if os.geteuid() != 0:
+        return "not root"
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    if not os.path.exists("/dev/loop-control"):
+        return "no /dev/loop-control"
+    try:
+        import mfusepy  # noqa: F401
+    except (ImportError, OSError) as e:
+        return f"mfusepy/libfuse3 unavailable: {e}"
+    return None

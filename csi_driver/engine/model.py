@@ -25,14 +25,54 @@ class MappingState(enum.StrEnum):
     STOPPED = "stopped"
 
 
+# -- the grammar every layer checks against (ids become file names; rates and grains are FlashCopy's)
+
+#: object ids: what CSI carries as volume/snapshot ids and what the engine uses in file names
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+MAX_ID = 128
+_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+#: engine object names (the CSI layer stores longer names under a derived engine name)
+MAX_NAME = 256
+RATE_MIN, RATE_MAX = 0, 150
+#: how a grain size may be spelled in StorageClass parameters
+GRAIN_SPELLINGS: dict[str, int] = {
+    spelling: size for size in GRAIN_SIZES for spelling in (f"{size // KiB}Ki", f"{size // KiB}KiB", str(size))
+}
+
+
+def valid_id(value: str) -> bool:
+    """True when value matches ID_PATTERN (checked without a regex: this runs on every engine lookup)."""
+    return 0 < len(value) <= MAX_ID and value.isascii() and value[0].isalnum() and set(value) <= _ID_CHARS
+
+
+def has_control_chars(value: str) -> bool:
+    """ASCII control characters (C0 and DEL), refused in names, paths and mount flags."""
+    return any(ord(c) < 0x20 or c == "\x7f" for c in value)
+
+
+def valid_rate(rate: object) -> bool:
+    """A FlashCopy copy or clean rate: an integer 0-150 (bools are not rates)."""
+    return isinstance(rate, int) and not isinstance(rate, bool) and RATE_MIN <= rate <= RATE_MAX
+
+
 def rate_to_bytes_per_second(rate: int) -> int:
     """FlashCopy copy/clean-rate table: 0 = none, 1-10 = 128 KiB/s, each band of 10 doubles, 150 = 2 GiB/s."""
-    if not 0 <= rate <= 150:
-        raise ValueError(f"rate {rate} outside 0-150")
+    if not valid_rate(rate):
+        raise ValueError(f"rate {rate} outside {RATE_MIN}-{RATE_MAX}")
     if rate == 0:
         return 0
     band = (rate + 9) // 10  # ceil(rate / 10)
     return 128 * KiB * (1 << (band - 1))
+
+
+@dataclass(frozen=True)
+class CopyItem:
+    """One member of a consistency-group copy (Engine.snapshot_group): a new target of source_id."""
+
+    source_id: str
+    name: str
+    attrs: dict[str, str] | None = None
+    volume_id: str | None = None
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ their snapshot, which --delete removes once no clone made from it remains.
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
 import time
@@ -92,8 +93,9 @@ def _connect(kubeconfig: str | None) -> Api:
     return Api(client.CoreV1Api(api_client), client.StorageV1Api(api_client), client.CustomObjectsApi(api_client))
 
 
-def _call(what: str, fn: Callable[[], T], *, missing: str | None = None) -> T | None:
-    """Run one API call; 404 returns None when `missing` is None, else becomes that error."""
+def _call(what: str, fn: Callable[[], Any], *, missing: str | None = None) -> Any:
+    """Run one API call (the Kubernetes client is untyped: Any); 404 returns None when `missing` is None, else
+    becomes that error."""
     from kubernetes.client.exceptions import ApiException
 
     try:
@@ -131,7 +133,7 @@ def parse_size(text: str) -> Decimal:
     from kubernetes.utils import parse_quantity
 
     try:
-        size = parse_quantity(text)
+        size = Decimal(parse_quantity(text))
     except ValueError:
         raise CloneError(f"bad size {text!r}: want a quantity such as 2Gi or 500Mi") from None
     if size <= 0:
@@ -174,8 +176,8 @@ def create_clones(api: Api, args: argparse.Namespace) -> None:
 
     names = [args.name] if args.name else [f"{args.from_pvc}-clone-{i}" for i in range(1, args.count + 1)]
     for name in names:
-        if _call(f"reading PVC {ns}/{name}", lambda name=name: api.core.read_namespaced_persistent_volume_claim(
-                name, ns)) is not None:
+        if _call(f"reading PVC {ns}/{name}", functools.partial(
+                api.core.read_namespaced_persistent_volume_claim, name, ns)) is not None:
             raise CloneError(f"PVC {ns}/{name} already exists: pick another --name, or --delete the old clones")
 
     snapshot = {
@@ -202,7 +204,7 @@ def create_clones(api: Api, args: argparse.Namespace) -> None:
                      "dataSource": {"apiGroup": SNAP_GROUP, "kind": "VolumeSnapshot", "name": snap_name}},
         }
         _call(f"creating PVC {ns}/{name}",
-              lambda pvc=pvc: api.core.create_namespaced_persistent_volume_claim(ns, pvc, dry_run=dry))
+              functools.partial(api.core.create_namespaced_persistent_volume_claim, ns, pvc, dry_run=dry))
 
     if args.dry_run:
         for name in names:
@@ -263,8 +265,8 @@ def delete_clones(api: Api, args: argparse.Namespace) -> None:
     snapshots: set[str] = set()
     for pvc in pvcs:
         name = pvc.metadata.name
-        _call(f"deleting PVC {ns}/{name}", lambda name=name: api.core.delete_namespaced_persistent_volume_claim(
-            name, ns))
+        _call(f"deleting PVC {ns}/{name}", functools.partial(
+            api.core.delete_namespaced_persistent_volume_claim, name, ns))
         gone.add(name)
         snapshots.add((pvc.metadata.annotations or {}).get(SNAPSHOT_ANNOTATION, ""))
         print(f"{name} deleted")
@@ -274,22 +276,23 @@ def delete_clones(api: Api, args: argparse.Namespace) -> None:
               if p.metadata.name not in gone and p.metadata.deletion_timestamp is None}
     deleted_snaps = []
     for snap in sorted(snapshots - in_use - {""}):
-        vs = _call(f"reading VolumeSnapshot {ns}/{snap}", lambda snap=snap: api.custom.get_namespaced_custom_object(
-            SNAP_GROUP, SNAP_VERSION, ns, SNAP_PLURAL, snap))
+        vs = _call(f"reading VolumeSnapshot {ns}/{snap}", functools.partial(
+            api.custom.get_namespaced_custom_object, SNAP_GROUP, SNAP_VERSION, ns, SNAP_PLURAL, snap))
         if vs is None or (vs["metadata"].get("labels") or {}).get(MANAGED_BY[0]) != MANAGED_BY[1]:
             continue  # never delete a snapshot this command did not make
-        _call(f"deleting VolumeSnapshot {ns}/{snap}", lambda snap=snap: api.custom.delete_namespaced_custom_object(
-            SNAP_GROUP, SNAP_VERSION, ns, SNAP_PLURAL, snap))
+        _call(f"deleting VolumeSnapshot {ns}/{snap}", functools.partial(
+            api.custom.delete_namespaced_custom_object, SNAP_GROUP, SNAP_VERSION, ns, SNAP_PLURAL, snap))
         deleted_snaps.append(snap)
         print(f"volumesnapshot/{snap} deleted")
     if args.wait <= 0:
         return
     for name in sorted(gone):
-        _wait_gone(f"PVC {ns}/{name}", lambda name=name: api.core.read_namespaced_persistent_volume_claim(name, ns),
+        _wait_gone(f"PVC {ns}/{name}", functools.partial(api.core.read_namespaced_persistent_volume_claim, name, ns),
                    deadline, args.wait)
     for snap in deleted_snaps:
-        _wait_gone(f"VolumeSnapshot {ns}/{snap}", lambda snap=snap: api.custom.get_namespaced_custom_object(
-            SNAP_GROUP, SNAP_VERSION, ns, SNAP_PLURAL, snap), deadline, args.wait)
+        _wait_gone(f"VolumeSnapshot {ns}/{snap}", functools.partial(
+            api.custom.get_namespaced_custom_object, SNAP_GROUP, SNAP_VERSION, ns, SNAP_PLURAL, snap),
+            deadline, args.wait)
 
 
 def _wait_gone(what: str, read: Callable[[], Any], deadline: float, wait: float) -> None:

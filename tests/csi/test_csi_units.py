@@ -10,7 +10,7 @@ import pytest
 
 from csi_driver.csi import errors as csi_errors
 from csi_driver.csi import objects as o
-from csi_driver.csi.backend import Backend, EmbeddedBackend, Volume
+from csi_driver.api import Volume
 from csi_driver.csi.controller import ControllerServicer, choose_size
 from csi_driver.csi.group_controller import GroupControllerServicer
 from csi_driver.csi.locks import KeyedTryLock
@@ -20,7 +20,9 @@ from csi_driver.csi.params import parse_snapshot_params, parse_volume_params
 from csi_driver.csi.settings import Settings
 from csi_driver.engine import errors as engine_errors
 from csi_driver.proto_gen import csi_pb2, csi_pb2_grpc
-from csi_driver.server import parse_endpoint
+from csi_driver.embedded import EmbeddedBackend
+from csi_driver.sockets import parse_endpoint
+from csi_driver.status import status_for
 
 C = grpc.StatusCode
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -38,14 +40,16 @@ EXPECTED = {
     engine_errors.VolumeOffline: C.FAILED_PRECONDITION,
     engine_errors.EngineLocked: C.UNAVAILABLE,
     engine_errors.EngineClosed: C.UNAVAILABLE,
+    engine_errors.Timeout: C.DEADLINE_EXCEEDED,
 }
 
 
 @pytest.mark.parametrize("cls, code", list(EXPECTED.items()))
 def test_engine_errors_map_by_class_hierarchy(cls: type[Exception], code: grpc.StatusCode) -> None:
-    assert csi_errors.to_status(cls("boom"))[:2] == (code, "boom")
+    st = status_for(cls("boom"))
+    assert (st.code, st.message, st.error_class, st.unexpected) == (code, "boom", cls.__name__, False)
     sub = type(f"Special{cls.__name__}", (cls,), {})  # a future subclass lands on its parent's code
-    assert csi_errors.to_status(sub("x"))[0] == code
+    assert status_for(sub("x")).code == code
 
 
 def test_every_engine_error_class_is_mapped() -> None:
@@ -55,11 +59,14 @@ def test_every_engine_error_class_is_mapped() -> None:
 
 
 def test_unexpected_errors_are_internal() -> None:
-    assert csi_errors.to_status(KeyError("k")) == (C.INTERNAL, "internal error: KeyError: 'k'", True)
-    assert csi_errors.to_status(engine_errors.EngineError("odd"))[0::2] == (C.INTERNAL, True)
-    assert csi_errors.to_status(OSError(errno.EFBIG, "too big"))[0] == C.OUT_OF_RANGE
-    assert csi_errors.to_status(OSError(errno.ENOSPC, "full"))[0] == C.RESOURCE_EXHAUSTED
-    assert csi_errors.to_status(csi_errors.aborted("busy")) == (C.ABORTED, "busy", False)
+    st = status_for(KeyError("k"))
+    assert (st.code, st.message, st.unexpected) == (C.INTERNAL, "internal error: KeyError: 'k'", True)
+    st = status_for(engine_errors.EngineError("odd"))
+    assert (st.code, st.unexpected) == (C.INTERNAL, True)
+    assert status_for(OSError(errno.EFBIG, "too big")).code == C.OUT_OF_RANGE
+    assert status_for(OSError(errno.ENOSPC, "full")).code == C.RESOURCE_EXHAUSTED
+    st = status_for(csi_errors.aborted("busy"))
+    assert (st.code, st.message, st.unexpected) == (C.ABORTED, "busy", False)
 
 
 # ---------------------------------------------------------------------------------------------- parameters
@@ -263,10 +270,13 @@ def test_plugin_capabilities_per_mode() -> None:
     assert services("node") == {"VOLUME_ACCESSIBILITY_CONSTRAINTS"}
 
 
-def test_embedded_backend_satisfies_the_protocol(tmp_path) -> None:
+def test_embedded_backend_without_a_data_path(tmp_path) -> None:
+    # (that it satisfies api.StorageBackend is mypy's job: server.make_backend returns it as one)
     backend = EmbeddedBackend.open(str(tmp_path / "state"))
     try:
-        assert isinstance(backend, Backend)
+        assert backend.is_ready()
+        with pytest.raises(engine_errors.InvalidState, match="no node data path"):
+            backend.node_unstage("vol-x", str(tmp_path / "staging"))
     finally:
         backend.close()
     assert not backend.is_ready()

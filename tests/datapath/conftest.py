@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from csi_driver.datapath import privileged
-from csi_driver.datapath.launcher import datapath_unavailable
+from csi_driver.datapath import datapath_unavailable
 
 
 def _why_no_kernel() -> str | None:
@@ -67,7 +67,7 @@ def engine(workdir: str) -> Iterator[object]:
 
 @pytest.fixture
 def datapath(engine: object, workdir: str) -> Iterator[object]:
-    from csi_driver.datapath.node import DataPath
+    from csi_driver.datapath import DataPath
 
     dp = DataPath(engine, os.path.join(workdir, "state"))
     dp.start()

@@ -36,7 +36,7 @@ ENGINE_MODES = [m for m in ("embedded", "process")
 
 def process_mode_unavailable() -> str | None:
     """Why `serve --engine process` cannot run in this build (None once it can)."""
-    from csi_driver.csi.backend import check_engine_mode
+    from csi_driver.server import check_engine_mode
 
     args = argparse.Namespace(engine="process", mode="all", state_dir="/nonexistent", engine_endpoint="")
     try:

@@ -23,8 +23,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from csi_driver.csi.backend import SnapshotItem
-from csi_driver.datapath import privileged, wire
+from csi_driver.api import SnapshotItem
+from csi_driver.datapath import privileged
+from csi_driver.remote import wire
 from csi_driver.engine import errors
 from csi_driver.proto_gen import csi_pb2
 from tests.csi.conftest import REPO, CsiServer
@@ -70,7 +71,7 @@ class EngineProc:
         return self
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        from csi_driver.datapath.client import RemoteBackend
+        from csi_driver.remote.client import RemoteBackend
 
         b = RemoteBackend(self.endpoint)
         try:
@@ -116,7 +117,7 @@ def _unstage_leftovers(e: EngineProc) -> None:
     the leak check cannot attribute to a directory), through a running engine."""
     import json
 
-    from csi_driver.datapath.client import RemoteBackend
+    from csi_driver.remote.client import RemoteBackend
 
     try:
         with open(e.state / "staging.json") as f:
@@ -137,7 +138,7 @@ def _unstage_leftovers(e: EngineProc) -> None:
 
 @pytest.fixture
 def remote(engine_proc: EngineProc) -> Iterator[object]:
-    from csi_driver.datapath.client import RemoteBackend
+    from csi_driver.remote.client import RemoteBackend
 
     engine_proc.start()
     b = RemoteBackend(engine_proc.endpoint)
@@ -182,15 +183,15 @@ def test_engine_stubs_match_a_fresh_generation(tmp_path: Path) -> None:
 
 
 def test_unreachable_engine_is_unavailable(tmp_path: Path) -> None:
-    from csi_driver.csi.errors import to_status
-    from csi_driver.datapath.client import RemoteBackend
+    from csi_driver.status import status_for
+    from csi_driver.remote.client import RemoteBackend
 
     b = RemoteBackend(f"unix://{tmp_path}/nobody.sock")
     assert b.is_ready() is False
     with pytest.raises(wire.EngineUnavailable) as ei:
         b.get_volume("vol-x")
     assert "not answering" in str(ei.value)
-    assert to_status(ei.value)[0] == C.UNAVAILABLE
+    assert status_for(ei.value).code == C.UNAVAILABLE
     st = b.node_stats("vol-x", str(tmp_path))  # a directory: counters from the kernel, flagged abnormal
     assert st.abnormal and "engine unavailable" in st.message and st.total_bytes > 0
     b.close()
@@ -453,12 +454,12 @@ def test_kill_server_then_engine_during_io(workdir: str, engine_proc: EngineProc
 
 @needs_kernel
 @pytest.mark.root
-def test_serve_auto_starts_a_detached_engine_it_never_stops(workdir: str) -> None:
-    from csi_driver.datapath.client import RemoteBackend
-    from csi_driver.datapath.launcher import _alive
+def test_serve_auto_keep_engine_leaves_a_detached_engine_running(workdir: str) -> None:
+    from csi_driver.remote.client import RemoteBackend
+    from csi_driver.remote.launcher import _alive
 
     root = Path(workdir)
-    srv = CsiServer(root, mode="node", extra=("--engine", "auto"))
+    srv = CsiServer(root, mode="node", extra=("--engine", "auto", "--keep-engine"))
     endpoint = f"unix://{srv.state}/engine.sock"
     engine_pid = 0
     try:
@@ -482,4 +483,34 @@ def test_serve_auto_starts_a_detached_engine_it_never_stops(workdir: str) -> Non
             os.kill(engine_pid, signal.SIGTERM)
             wait_for(lambda: not _alive(engine_pid), 60, "the engine to exit")
     assert srv.exit_codes and all(c == 0 for c in srv.exit_codes), srv.log()[-3000:]
+
+
+@needs_kernel
+@pytest.mark.root
+def test_serve_auto_stops_the_engine_it_started(workdir: str) -> None:
+    """`make run`: serve --mode all starts the engine and, stopped with SIGTERM or Ctrl-C, takes it down again:
+    no process and no FUSE mount is left, so the state directory can be removed."""
+    from csi_driver.remote.client import RemoteBackend
+    from csi_driver.remote.launcher import _alive
+
+    root = Path(workdir)
+    srv = CsiServer(root, mode="all", extra=("--engine", "auto"))
+    endpoint = f"unix://{srv.state}/engine.sock"
+    engine_pid = 0
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            srv.start(timeout=120)
+            b = RemoteBackend(endpoint)
+            engine_pid = int(b.ping().pid)
+            b.close()
+            assert any(m.mount_point.startswith(str(srv.state)) for m in privileged.mounts())
+            assert srv.stop(sig) == 0, srv.log()[-3000:]
+            assert not _alive(engine_pid), f"engine {engine_pid} still running after serve got {sig!r}"
+            assert not [m.mount_point for m in privileged.mounts() if m.mount_point.startswith(str(srv.state))]
+            engine_pid = 0
+        assert srv.log().count("stopping the node engine process this server started") == 2
+    finally:
+        srv.stop()
+        if engine_pid and _alive(engine_pid):
+            os.kill(engine_pid, signal.SIGKILL)
     assert "stopped exit_code=0" in (srv.state / "engine.log").read_text()

@@ -1,4 +1,4 @@
-"""RemoteBackend: the csi.backend Backend and NodeBackend over proto/engine.proto (the node engine process).
+"""RemoteBackend: the api.Backend and api.NodeBackend over proto/engine.proto (the node engine process).
 
 Engine errors come back as the same classes (wire.decode); a process that does not answer raises
 wire.EngineUnavailable, which the CSI layer answers with UNAVAILABLE. `is_ready` pings the engine, so Probe
@@ -14,11 +14,12 @@ from typing import Any
 
 import grpc
 
-from csi_driver.csi.backend import NodeStats, SnapshotItem, Volume
-from csi_driver.datapath import wire
-from csi_driver.datapath.daemon import socket_path
+from csi_driver.api import NodeStats, SnapshotItem, Volume
 from csi_driver.proto_gen import engine_pb2 as pb
 from csi_driver.proto_gen import engine_pb2_grpc as pb_grpc
+from csi_driver.remote import wire
+from csi_driver.remote.wire import to_stats, to_volume
+from csi_driver.sockets import unix_socket_path
 
 PING_TIMEOUT = 2.0
 CALL_TIMEOUT = 120.0  # controller-side calls: metadata only, a snapshot waits for a bounded freeze
@@ -32,19 +33,13 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def to_volume(m: pb.Volume) -> Volume:
-    return Volume(id=m.id, name=m.name, size=m.size, grain_size=m.grain_size, attrs=dict(m.attrs),
-                  created_at=m.created_at, condition=m.condition,
-                  source_id=m.source_id if m.HasField("source_id") else None,
-                  copy_progress=m.copy_progress, allocated_bytes=m.allocated_bytes)
-
-
 class RemoteBackend:
     """Backend + NodeBackend of the node engine process at a unix endpoint. Thread-safe (one channel)."""
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
-        self._channel = grpc.insecure_channel(f"unix:{socket_path(endpoint)}", options=CHANNEL_OPTIONS)
+        self._channel = grpc.insecure_channel(f"unix:{unix_socket_path(endpoint, 'engine endpoint')}",
+                                              options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.EngineStub(self._channel)
         self._closed = False
 
@@ -60,7 +55,8 @@ class RemoteBackend:
     # -- readiness
 
     def ping(self, timeout: float = PING_TIMEOUT) -> pb.PingResponse:
-        return self._call("Ping", pb.PingRequest(), timeout)
+        r: pb.PingResponse = self._call("Ping", pb.PingRequest(), timeout)
+        return r
 
     def is_ready(self) -> bool:
         try:
@@ -150,10 +146,7 @@ class RemoteBackend:
             r = self._call("NodeStats", pb.NodeStatsRequest(volume_id=volume_id, volume_path=volume_path))
         except wire.EngineUnavailable as e:
             return _stats_without_engine(volume_path, str(e))
-        return NodeStats(block=r.block, total_bytes=r.total_bytes, used_bytes=r.used_bytes,
-                         available_bytes=r.available_bytes, total_inodes=r.total_inodes,
-                         used_inodes=r.used_inodes, available_inodes=r.available_inodes,
-                         abnormal=r.abnormal, message=r.message)
+        return to_stats(r)
 
     def node_expand(self, volume_id: str, volume_path: str, required_bytes: int) -> int:
         return int(self._call("NodeExpand", pb.NodeExpandRequest(

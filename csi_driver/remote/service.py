@@ -1,5 +1,8 @@
 """`csi-flashcopy engine`: the node engine process. Owns the engine, the FUSE export and this node's staged
-volumes; serves proto/engine.proto on a unix socket to `csi-flashcopy serve`.
+volumes; serves proto/engine.proto on a unix socket to `csi-flashcopy serve` (remote.client.RemoteBackend).
+
+It serves an EmbeddedBackend (csi_driver.embedded) whose node side is this node's DataPath; errors leave
+through remote.wire, with the status csi_driver.status.status_for gives them.
 
 Start-up: open the engine (waiting while a previous engine process still holds the state dir), start the
 data path (mount the FUSE export, re-adopt the volumes the staging records name), then bind the socket
@@ -31,12 +34,16 @@ from typing import Any, TypeVar
 import grpc
 
 from csi_driver import __version__
-from csi_driver.csi.backend import EmbeddedBackend, SnapshotItem, Volume
-from csi_driver.datapath import wire
-from csi_driver.datapath.node import DataPath
-from csi_driver.engine import errors
+from csi_driver.api import SnapshotItem
+from csi_driver.datapath import DataPath, privileged
+from csi_driver.embedded import EmbeddedBackend
+from csi_driver.engine import Engine, errors
+from csi_driver.logs import configure_logging
 from csi_driver.proto_gen import engine_pb2 as pb
 from csi_driver.proto_gen import engine_pb2_grpc as pb_grpc
+from csi_driver.remote import wire
+from csi_driver.remote.wire import stats_msg, volume_msg
+from csi_driver.sockets import bind, unix_endpoint, unix_socket_path
 
 log = logging.getLogger("csi_flashcopy.engine")
 
@@ -48,26 +55,7 @@ T = TypeVar("T")
 
 
 def default_endpoint(state_dir: str) -> str:
-    return f"unix://{os.path.abspath(state_dir)}/engine.sock"
-
-
-def socket_path(endpoint: str) -> str:
-    """The unix socket path of an engine endpoint (only unix sockets: the API is node-local)."""
-    from csi_driver.server import parse_endpoint
-
-    kind, addr = parse_endpoint(endpoint)
-    if kind != "unix":
-        raise ValueError(f"the engine endpoint must be a unix socket, not {endpoint!r}")
-    return addr
-
-
-def volume_msg(v: Volume) -> pb.Volume:
-    msg = pb.Volume(id=v.id, name=v.name, size=v.size, grain_size=v.grain_size, attrs=dict(v.attrs),
-                    created_at=v.created_at, condition=v.condition, copy_progress=v.copy_progress,
-                    allocated_bytes=v.allocated_bytes)
-    if v.source_id is not None:
-        msg.source_id = v.source_id
-    return msg
+    return unix_endpoint(os.path.join(state_dir, "engine.sock"))
 
 
 def _opt(msg: Any, name: str) -> str | None:
@@ -75,12 +63,12 @@ def _opt(msg: Any, name: str) -> str | None:
 
 
 class EngineService(pb_grpc.EngineServicer):
-    """engine.proto over an EmbeddedBackend whose node side (DataPath) is started: its snapshots freeze the
+    """engine.proto over an EmbeddedBackend and its started node side (DataPath): its snapshots freeze the
     sources staged on this node. Errors leave as status code + class name."""
 
-    def __init__(self, backend: EmbeddedBackend, state_dir: str) -> None:
+    def __init__(self, backend: EmbeddedBackend, datapath: DataPath, state_dir: str) -> None:
         self.b = backend
-        self.dp = backend.start_node()
+        self.dp = datapath
         self.state_dir = state_dir
 
     def _do(self, context: grpc.ServicerContext, method: str, fn: Callable[[], T]) -> T:
@@ -88,12 +76,12 @@ class EngineService(pb_grpc.EngineServicer):
         try:
             result = fn()
         except Exception as e:
-            code, msg, cls = wire.encode(e)
-            level = logging.ERROR if code == grpc.StatusCode.INTERNAL else logging.INFO
-            log.log(level, "call failed", exc_info=code == grpc.StatusCode.INTERNAL, extra={"fields": {
-                "method": method, "code": code.name, "error": msg}})
-            context.set_trailing_metadata(((wire.ERROR_KEY, cls),))
-            context.abort(code, msg)
+            st = wire.encode(e)
+            level = logging.ERROR if st.unexpected else logging.INFO
+            log.log(level, "call failed", exc_info=st.unexpected, extra={"fields": {
+                "method": method, "code": st.code.name, "error": st.message}})
+            context.set_trailing_metadata(((wire.ERROR_KEY, st.error_class or "EngineError"),))
+            context.abort(st.code, st.message)
         log.debug("call", extra={"fields": {"method": method, "ms": round((time.monotonic() - t0) * 1000, 1)}})
         return result
 
@@ -181,10 +169,7 @@ class EngineService(pb_grpc.EngineServicer):
 
     def NodeStats(self, request: pb.NodeStatsRequest, context: grpc.ServicerContext) -> pb.NodeStatsResponse:
         s = self._do(context, "NodeStats", lambda: self.dp.node_stats(request.volume_id, request.volume_path))
-        return pb.NodeStatsResponse(
-            block=s.block, total_bytes=s.total_bytes, used_bytes=s.used_bytes, available_bytes=s.available_bytes,
-            total_inodes=s.total_inodes, used_inodes=s.used_inodes, available_inodes=s.available_inodes,
-            abnormal=s.abnormal, message=s.message)
+        return stats_msg(s)
 
     def NodeExpand(self, request: pb.NodeExpandRequest, context: grpc.ServicerContext) -> pb.NodeExpandResponse:
         cap = self._do(context, "NodeExpand", lambda: self.dp.node_expand(
@@ -209,7 +194,7 @@ def _open_backend(state_dir: str, stop: threading.Event) -> EmbeddedBackend:
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
     while True:
         try:
-            return EmbeddedBackend.open(state_dir)
+            return EmbeddedBackend.open(state_dir, datapath=_datapath_for(state_dir))
         except errors.EngineLocked as e:
             if stop.is_set() or time.monotonic() > deadline:
                 raise
@@ -217,26 +202,16 @@ def _open_backend(state_dir: str, stop: threading.Event) -> EmbeddedBackend:
             stop.wait(0.5)
 
 
-def _bind(server: grpc.Server, path: str) -> None:
-    from csi_driver.server import prepare_socket_path
-
-    prepare_socket_path(path)  # a live socket is refused: another engine serves this node
-    old = os.umask(0o177)  # born 0600
-    try:
-        if server.add_insecure_port(f"unix:{path}") == 0:
-            raise RuntimeError(f"cannot bind unix socket {path}")
-    finally:
-        os.umask(old)
+def _datapath_for(state_dir: str) -> Callable[[Engine], DataPath]:
+    return lambda engine: DataPath(engine, state_dir)
 
 
 def run_engine(args: argparse.Namespace) -> int:
-    from csi_driver.csi.logs import configure_logging
-
     configure_logging(getattr(args, "log_format", "text"), getattr(args, "log_level", "info"))
     state_dir = os.path.abspath(args.state_dir)
     endpoint = getattr(args, "endpoint", "") or default_endpoint(state_dir)
     try:
-        path = socket_path(endpoint)
+        path = unix_socket_path(endpoint, "engine endpoint")
     except ValueError as e:
         log.error("cannot serve", extra={"fields": {"error": str(e)}})
         return 2
@@ -252,16 +227,17 @@ def run_engine(args: argparse.Namespace) -> int:
         try:
             # mounts the FUSE export (clearing a dead predecessor's) and re-adopts the staging records
             datapath = backend.start_node()
+            assert isinstance(datapath, DataPath)
         except Exception:
             log.exception("data path failed to start")
             engine.close()
             return 1
         server = grpc.server(ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="engine-rpc"),
                              options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_EngineServicer_to_server(EngineService(backend, state_dir), server)
+        pb_grpc.add_EngineServicer_to_server(EngineService(backend, datapath, state_dir), server)
         try:
-            _bind(server, path)
-        except (RuntimeError, OSError) as e:
+            bind(server, unix_endpoint(path))  # a live socket is refused: another engine serves this node
+        except (ValueError, RuntimeError, OSError) as e:
             log.error("cannot listen", extra={"fields": {"endpoint": endpoint, "error": str(e)}})
             datapath.stop()
             engine.close()
@@ -281,7 +257,7 @@ def run_engine(args: argparse.Namespace) -> int:
     return _shutdown(engine, datapath)
 
 
-def _shutdown(engine: Any, datapath: DataPath) -> int:
+def _shutdown(engine: Engine, datapath: DataPath) -> int:
     code = 0
     staged = datapath.staged()
     try:
@@ -297,8 +273,6 @@ def _shutdown(engine: Any, datapath: DataPath) -> int:
     # Staged volumes keep their loop devices and mounts (see the module doc). Their loop devices hold the
     # FUSE connection open, so the FUSE loop cannot end: detach the mount from the namespace and leave the
     # process without waiting for it; the kernel aborts the connection when /dev/fuse closes (I/O -> EIO).
-    from csi_driver.datapath import privileged
-
     with contextlib.suppress(Exception):
         privileged.umount(datapath.export.mount_point, lazy=True)
     log.info("stopped with volumes still staged; their I/O fails until they are staged again",

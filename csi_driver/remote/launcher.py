@@ -1,24 +1,33 @@
-"""Start the node engine process when none answers (`serve --engine auto` on a node).
+"""Start the node engine process when none answers (`serve --engine auto` on a node), and stop it again.
 
 The engine is started detached: through a short-lived intermediate process, in its own session, re-parented
-away from `serve`. So stopping, restarting or upgrading `serve` never signals the engine (I/O on staged
-volumes goes on) and no zombie is left when the engine exits. Its output goes to <state-dir>/engine.log.
+away from `serve`. So a signal to `serve` (Ctrl-C in a terminal, a crash) never reaches the engine directly,
+and no zombie is left when the engine exits. Its output goes to <state-dir>/engine.log.
+
+Who stops it: `serve` stops the engine it started itself when it shuts down (a local run leaves no process
+and no FUSE mount behind) unless told to keep it (--keep-engine: restarting `serve` then never interrupts
+volume I/O). An engine that `serve` found running, or one run by something else (the chart's engine
+container, `serve --engine process`), is never stopped from here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
-from csi_driver.datapath import wire
-from csi_driver.datapath.client import RemoteBackend
+from csi_driver.remote import wire
+from csi_driver.remote.client import RemoteBackend
 
 log = logging.getLogger("csi_flashcopy.launcher")
 
 START_TIMEOUT = 120.0  # engine recovery of a large state dir, FUSE mount, re-adoption
+STOP_TIMEOUT = 30.0  # the engine drains calls (10 s grace), flushes and unmounts its export
 
 # The intermediate: start the engine in a new session, print its pid, exit at once.
 _SPAWN = (
@@ -46,22 +55,48 @@ def spawn_engine(state_dir: str, endpoint: str) -> int:
     return int(res.stdout.split()[0])
 
 
-def ensure_engine(state_dir: str, endpoint: str, *, timeout: float = START_TIMEOUT) -> RemoteBackend:
-    """A RemoteBackend of the engine at endpoint, starting the engine first when none answers."""
+@dataclass
+class StartedEngine:
+    """An engine process this `serve` started (so may stop)."""
+
+    pid: int
+    endpoint: str
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> bool:
+        """SIGTERM, then wait for it to exit (SIGKILL after timeout). True when it exited within timeout."""
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return True
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not _alive(self.pid):
+                return True
+            time.sleep(0.05)
+        log.warning("the node engine process did not stop in time: killing it", extra={"fields": {"pid": self.pid}})
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        return False
+
+
+def ensure_engine(state_dir: str, endpoint: str, *, timeout: float = START_TIMEOUT
+                  ) -> tuple[RemoteBackend, StartedEngine | None]:
+    """A RemoteBackend of the engine at endpoint, starting the engine first when none answers; the second
+    value is the engine started here (None when one was running already)."""
     backend = RemoteBackend(endpoint)
     if backend.is_ready():
-        return backend
+        return backend, None
     pid = spawn_engine(state_dir, endpoint)
     log.info("started the node engine process", extra={"fields": {"pid": pid, "endpoint": endpoint,
                                                                    "log": os.path.join(state_dir, "engine.log")}})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if backend.is_ready():
-            return backend
+            return backend, StartedEngine(pid, endpoint)
         if not _alive(pid) and not backend.is_ready():
             # it exited: a racing engine may have won the state dir, or it failed (see engine.log)
             if _wait_ready(backend, 5.0):
-                return backend
+                return backend, None
             backend.close()
             raise wire.EngineUnavailable(
                 f"the node engine process (pid {pid}) exited before answering at {endpoint}; "
@@ -93,18 +128,3 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-
-
-def datapath_unavailable() -> str | None:
-    """Why this host cannot run the kernel data path (FUSE export + loop devices), or None."""
-    if os.geteuid() != 0:
-        return "not root"
-    if not os.path.exists("/dev/fuse"):
-        return "no /dev/fuse"
-    if not os.path.exists("/dev/loop-control"):
-        return "no /dev/loop-control"
-    try:
-        import mfusepy  # noqa: F401
-    except (ImportError, OSError) as e:
-        return f"mfusepy/libfuse3 unavailable: {e}"
-    return None

@@ -1,0 +1,156 @@
+"""The narrow interfaces between the CSI servicers and whatever holds the volumes, in storage terms.
+
+`Backend` (controller side) and `NodeBackend` (stage/publish) list only what the CSI services need, and the
+records they return. Implementations: csi_driver.embedded.EmbeddedBackend (an Engine in this process, its node
+side injected) and csi_driver.remote.RemoteBackend (the node engine process over proto/engine.proto). The
+servicers in csi_driver.csi only ever see these protocols, so they cannot tell which one serves them; mypy
+checks that each implementation satisfies them.
+
+Contract for every implementation:
+- errors are csi_driver.engine.errors classes (NotFound, AlreadyExists, OutOfRange, NoSpace, ...) or subclasses
+  of them, which csi_driver.status maps to gRPC codes; a remote implementation raises the same classes again;
+- records are immutable snapshots of state, safe to keep after the call;
+- attrs are opaque string maps stored verbatim with a volume and survive restarts (the CSI layer keeps its
+  bookkeeping there: the engine is the only state).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A visible volume. Snapshots are volumes too (the CSI layer tells them apart by attrs)."""
+
+    id: str
+    name: str
+    size: int
+    grain_size: int
+    attrs: Mapping[str, str] = field(default_factory=dict)
+    #: creation instant; for a point-in-time copy, the instant its content was frozen
+    created_at: float = 0.0
+    #: "" when healthy, else why its data (or the copy it reads through) is unusable
+    condition: str = ""
+    #: volume this one still reads through (snapshot/clone source), None once independent
+    source_id: str | None = None
+    #: percent of its grains it owns (100 = independent of its source)
+    copy_progress: float = 100.0
+    allocated_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class SnapshotItem:
+    """One member of a group snapshot request."""
+
+    source_id: str
+    name: str
+    attrs: Mapping[str, str]
+    volume_id: str | None = None
+
+
+class Backend(Protocol):
+    def is_ready(self) -> bool:
+        """True while the engine answers (Probe)."""
+
+    def close(self) -> None:
+        """Flush and release the engine (or the connection to it)."""
+
+    def capacity(self) -> tuple[int, int]:
+        """(total_bytes, free_bytes) of the storage holding the volumes."""
+
+    def create_volume(self, name: str, size: int, *, grain_size: int, attrs: Mapping[str, str],
+                      volume_id: str | None = None) -> Volume:
+        """An empty (zero-filled, thin) volume; size is rounded up to the grain size."""
+
+    def get_volume(self, volume_id: str) -> Volume:
+        """NotFound when unknown or deleted."""
+
+    def find_volume(self, name: str) -> Volume | None: ...
+
+    def find_volumes(self, attrs: Mapping[str, str]) -> list[Volume]:
+        """Visible volumes whose attrs hold every given key/value ({} = all), in creation order."""
+
+    def delete_volume(self, volume_id: str) -> None:
+        """Succeeds at once even while others read through it (storage reclaimed later). NotFound if unknown."""
+
+    def resize_volume(self, volume_id: str, new_size: int) -> Volume:
+        """Grow only (OutOfRange when smaller)."""
+
+    def snapshot(self, source_id: str, name: str, *, copy_rate: int, attrs: Mapping[str, str],
+                 volume_id: str | None = None) -> Volume:
+        """A point-in-time copy of source, usable at once (copy_rate 0: no background copy)."""
+
+    def clone(self, source_id: str, name: str, *, size: int, copy_rate: int, clean_rate: int,
+              attrs: Mapping[str, str], volume_id: str | None = None) -> Volume:
+        """A new writable volume with source's current data, usable at once; size >= source size."""
+
+    def snapshot_group(self, group_name: str, items: Sequence[SnapshotItem], *, copy_rate: int) -> list[Volume]:
+        """Point-in-time copies of several volumes at one instant (consistency group); all or none."""
+
+    def delete_group(self, group_name: str) -> None:
+        """Forget the consistency group (its member volumes are deleted separately). NotFound if unknown."""
+
+
+@dataclass(frozen=True)
+class NodeStats:
+    """Usage of a staged/published volume as the node sees it (NodeGetVolumeStats)."""
+
+    block: bool
+    total_bytes: int
+    used_bytes: int
+    available_bytes: int
+    total_inodes: int = 0
+    used_inodes: int = 0
+    available_inodes: int = 0
+    abnormal: bool = False
+    message: str = ""
+
+
+class NodeBackend(Protocol):
+    """The node data path (stage/publish): csi_driver.datapath.DataPath in this process, or the node engine
+    process through csi_driver.remote.RemoteBackend.
+
+    Kept apart from Backend so controller-only deployments need none of it. Every call is idempotent and
+    raises engine error classes: NotFound (unknown volume; path not staged/published), InvalidState (publish
+    before stage), AlreadyExists (staged/published with another fs or access type), InvalidArgument.
+    Request validation stays in the Node servicer.
+    """
+
+    def node_stage(self, volume_id: str, staging_path: str, *, block: bool, fs_type: str,
+                   mount_flags: Sequence[str], read_only: bool) -> None: ...
+
+    def node_unstage(self, volume_id: str, staging_path: str) -> None: ...
+
+    def node_publish(self, volume_id: str, staging_path: str, target_path: str, *, block: bool,
+                     read_only: bool, mount_flags: Sequence[str], single_writer: bool = False) -> None:
+        """single_writer (SINGLE_NODE_SINGLE_WRITER): InvalidState if published at another target already."""
+
+    def node_unpublish(self, volume_id: str, target_path: str) -> None: ...
+
+    def node_stats(self, volume_id: str, volume_path: str) -> NodeStats: ...
+
+    def node_expand(self, volume_id: str, volume_path: str, required_bytes: int) -> int:
+        """Capacity in bytes after the device was refreshed and its filesystem grown."""
+
+
+class StorageBackend(Backend, NodeBackend, Protocol):
+    """Both sides: what `serve` hands the servicers (the Node servicer is registered only with --mode all|node)."""
+
+
+class NodeDataPath(NodeBackend, Protocol):
+    """What an in-process backend needs of the node data path it is given (csi_driver.datapath.DataPath)."""
+
+    def start(self) -> None:
+        """Mount the export and re-adopt the volumes the staging records name."""
+
+    def stop(self) -> None: ...
+
+    def staged_ids(self) -> list[str]:
+        """Volumes staged on this node now."""
+
+    def quiesce(self, source_ids: list[str]) -> contextlib.AbstractContextManager[None]:
+        """Freeze the staged filesystems among source_ids (flush block devices) until the context exits."""

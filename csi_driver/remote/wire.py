@@ -1,0 +1,96 @@
+"""What crosses proto/engine.proto besides the messages themselves: api records <-> messages, and errors.
+
+Errors: the service turns an exception into a status through csi_driver.status.status_for (the same mapping
+the CSI servicers use) and names the engine error class in the trailing metadata key ERROR_KEY; the client
+raises that same class again (or, for a class it does not know, the engine base class with the same status),
+so the CSI layer maps a remote engine's error exactly as it would an embedded engine's. A failure without the
+key (the engine process is down, the socket is gone) becomes EngineUnavailable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from csi_driver.api import NodeStats, Volume
+from csi_driver.engine import errors
+from csi_driver.proto_gen import engine_pb2 as pb
+from csi_driver.status import Status, status_for
+
+ERROR_KEY = "flashcopy-error"
+
+
+class EngineUnavailable(errors.EngineClosed):
+    """The node engine process does not answer (not started yet, restarting, or dead).
+
+    A subclass of EngineClosed, so the CSI layer answers UNAVAILABLE (retry later).
+    """
+
+
+# -- records
+
+
+def volume_msg(v: Volume) -> pb.Volume:
+    msg = pb.Volume(id=v.id, name=v.name, size=v.size, grain_size=v.grain_size, attrs=dict(v.attrs),
+                    created_at=v.created_at, condition=v.condition, copy_progress=v.copy_progress,
+                    allocated_bytes=v.allocated_bytes)
+    if v.source_id is not None:
+        msg.source_id = v.source_id
+    return msg
+
+
+def to_volume(m: pb.Volume) -> Volume:
+    return Volume(id=m.id, name=m.name, size=m.size, grain_size=m.grain_size, attrs=dict(m.attrs),
+                  created_at=m.created_at, condition=m.condition,
+                  source_id=m.source_id if m.HasField("source_id") else None,
+                  copy_progress=m.copy_progress, allocated_bytes=m.allocated_bytes)
+
+
+def stats_msg(s: NodeStats) -> pb.NodeStatsResponse:
+    return pb.NodeStatsResponse(
+        block=s.block, total_bytes=s.total_bytes, used_bytes=s.used_bytes, available_bytes=s.available_bytes,
+        total_inodes=s.total_inodes, used_inodes=s.used_inodes, available_inodes=s.available_inodes,
+        abnormal=s.abnormal, message=s.message)
+
+
+def to_stats(r: pb.NodeStatsResponse) -> NodeStats:
+    return NodeStats(block=r.block, total_bytes=r.total_bytes, used_bytes=r.used_bytes,
+                     available_bytes=r.available_bytes, total_inodes=r.total_inodes, used_inodes=r.used_inodes,
+                     available_inodes=r.available_inodes, abnormal=r.abnormal, message=r.message)
+
+
+# -- errors
+
+
+def encode(exc: BaseException) -> Status:
+    """The status (code, message, engine error class) for an exception raised while serving a call."""
+    return status_for(exc)
+
+
+def _by_status(code_name: str) -> type[errors.EngineError]:
+    """The engine's own class for a status code, for an error class this process does not know."""
+    for cls in (errors.InvalidArgument, errors.NotFound, errors.AlreadyExists, errors.OutOfRange,
+                errors.InvalidState, errors.NoSpace, errors.EngineClosed, errors.Timeout):
+        if cls.status == code_name:
+            return cls
+    return errors.EngineError
+
+
+def decode(err: grpc.RpcError, endpoint: str) -> errors.EngineError:
+    """The engine error to raise for a failed call."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = (err.details() if hasattr(err, "details") else "") or ""
+    name = ""
+    md: Any = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    for key, value in md or ():
+        if key == ERROR_KEY:
+            name = value if isinstance(value, str) else value.decode()
+    if name:
+        cls = errors.error_classes().get(name) or _by_status(code.name)
+        exc = cls.__new__(cls)
+        errors.EngineError.__init__(exc, details)  # subclasses may take other constructor arguments
+        return exc
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+        return EngineUnavailable(f"the node engine process at {endpoint} is not answering ({code.name}: {details})")
+    return errors.EngineError(f"node engine process: {code.name}: {details}")
