@@ -6,6 +6,7 @@
 PYTHON ?= python3
 STATE ?= $(CURDIR)/state
 BENCH_ARGS ?=
+RUN_ARGS ?=
 
 .PHONY: setup setup-python setup-system run test lint typecheck bench
 
@@ -20,7 +21,7 @@ setup: setup-system setup-python
 
 run: setup-system setup-python
 	mkdir -p $(STATE)
-	csi-flashcopy serve --endpoint unix://$(STATE)/csi.sock --state-dir $(STATE) --node-id $$(hostname) --mode all
+	csi-flashcopy serve --endpoint unix://$(STATE)/csi.sock --state-dir $(STATE) --node-id $$(hostname) --mode all $(RUN_ARGS)
 
 lint:
 	$(PYTHON) -m ruff check .

@@ -515,7 +515,7 @@ class DataPath:
         if mps:
             log.info("froze %d filesystem(s) for %.1f ms", len(mps), self.last_freeze_window * 1000)
 
-    # ------------------------------------------------------------------ csi.backend.NodeBackend names
+    # ------------------------------------------------------------------ api.NodeBackend names
 
     def node_stage(self, volume_id: str, staging_path: str, *, block: bool, fs_type: str,
                    mount_flags: Sequence[str] = (), read_only: bool = False) -> None:
