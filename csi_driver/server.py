@@ -42,7 +42,8 @@ from csi_driver.logs import configure_logging
 from csi_driver.proto_gen import csi_pb2_grpc
 from csi_driver.remote.client import RemoteBackend
 from csi_driver.remote.launcher import StartedEngine, ensure_engine
-from csi_driver.sockets import bind, parse_endpoint, unix_endpoint
+from csi_driver.remote.service import default_endpoint
+from csi_driver.sockets import bind, parse_endpoint
 
 log = logging.getLogger("csi_flashcopy.server")
 
@@ -55,7 +56,7 @@ MAX_WORKERS = 16
 
 def engine_endpoint(args: argparse.Namespace) -> str:
     """--engine-endpoint, default unix://<state-dir>/engine.sock."""
-    return getattr(args, "engine_endpoint", "") or unix_endpoint(os.path.join(args.state_dir, "engine.sock"))
+    return getattr(args, "engine_endpoint", "") or default_endpoint(args.state_dir)
 
 
 def resolved_engine_mode(args: argparse.Namespace) -> str:

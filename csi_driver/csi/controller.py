@@ -59,7 +59,7 @@ def choose_size(required: int, limit: int, grain: int, source_size: int, default
     return size
 
 
-def get_kind(backend: Backend, object_id: str, kind: str) -> Volume:
+def get_kind(backend: Backend, object_id: str, kind: o.Kind) -> Volume:
     """The volume (kind "volume") or snapshot (kind "snapshot") with that id, else NOT_FOUND."""
     try:
         v = backend.get_volume(object_id)
@@ -95,17 +95,9 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         params = parse_volume_params(request.parameters)
         if request.mutable_parameters:
             raise invalid("mutable_parameters", "not supported (the driver has no MODIFY_VOLUME capability)")
-        source = ""
-        if request.HasField("volume_content_source"):
-            src_msg = request.volume_content_source
-            kind = src_msg.WhichOneof("type")
-            if kind == "snapshot":
-                source = "snapshot:" + require_id(src_msg.snapshot.snapshot_id,
-                                                  "volume_content_source.snapshot.snapshot_id")
-            elif kind == "volume":
-                source = "volume:" + require_id(src_msg.volume.volume_id, "volume_content_source.volume.volume_id")
-            else:
-                raise invalid("volume_content_source", "snapshot or volume required")
+        source = (o.ContentSource.from_csi(request.volume_content_source)
+                  if request.HasField("volume_content_source") else None)
+        source_attr = source.encode() if source is not None else ""
         if request.HasField("accessibility_requirements"):
             self._check_topology(request.accessibility_requirements)
 
@@ -114,16 +106,15 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         with self.driver.locks.hold(f"volume-name:{name}"):
             existing = backend.find_volume(ename)
             if existing is not None:
-                self._check_same_volume(existing, required, limit, params.canonical(), source)
+                self._check_same_volume(existing, required, limit, params.canonical(), source_attr)
                 return csi_pb2.CreateVolumeResponse(volume=o.csi_volume(existing, self.settings))
             src: Volume | None = None
-            if source:
-                kind, _, src_id = source.partition(":")
-                src = get_kind(backend, src_id, o.KIND_SNAPSHOT if kind == "snapshot" else o.KIND_VOLUME)
+            if source is not None:
+                src = get_kind(backend, source.id, source.kind)
             grain = src.grain_size if src is not None else params.grain_size
             size = choose_size(required, limit, grain, src.size if src is not None else 0,
                                self.settings.default_volume_size)
-            attrs = {o.KIND: o.KIND_VOLUME, o.NAME: name, o.PARAMS: params.canonical(), o.SOURCE: source,
+            attrs = {o.KIND: o.KIND_VOLUME, o.NAME: name, o.PARAMS: params.canonical(), o.SOURCE: source_attr,
                      o.NODE: self.settings.node_id}
             if src is not None:
                 v = backend.clone(src.id, ename, size=size, copy_rate=params.copy_rate,

@@ -6,16 +6,18 @@ so a restarted driver (or another one on the same state dir) sees exactly what t
 
 from __future__ import annotations
 
+import enum
 import json
 import secrets
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from csi_driver.api import Volume
-from csi_driver.csi.errors import aborted
+from csi_driver.csi.errors import aborted, invalid
 from csi_driver.csi.settings import Settings
-from csi_driver.csi.validation import is_valid_id
+from csi_driver.csi.validation import is_valid_id, require_id
 from csi_driver.proto_gen import csi_pb2
 
 # attrs keys
@@ -28,11 +30,50 @@ GROUP = "csi.group"  # group snapshot id of a group member snapshot
 GROUP_NAME = "csi.groupName"  # CSI name of that group snapshot
 NODE = "csi.node"  # node holding the volume (topology)
 
-KIND_VOLUME = "volume"
-KIND_SNAPSHOT = "snapshot"
+class Kind(enum.StrEnum):
+    """What an engine volume is to CSI (attrs[KIND])."""
+
+    VOLUME = "volume"
+    SNAPSHOT = "snapshot"
 
 
-def engine_name(kind: str, name: str) -> str:
+KIND_VOLUME = Kind.VOLUME
+KIND_SNAPSHOT = Kind.SNAPSHOT
+
+
+@dataclass(frozen=True)
+class ContentSource:
+    """A volume's content source: a snapshot or a volume, kept in attrs[SOURCE] as "<kind>:<id>"."""
+
+    kind: Kind
+    id: str
+
+    def encode(self) -> str:
+        return f"{self.kind}:{self.id}"
+
+    @classmethod
+    def decode(cls, text: str) -> ContentSource | None:
+        kind, _, ident = text.partition(":")
+        return cls(Kind(kind), ident) if kind in Kind.__members__.values() and ident else None
+
+    @classmethod
+    def from_csi(cls, msg: csi_pb2.VolumeContentSource, field: str = "volume_content_source") -> ContentSource:
+        """The request's content source, its id checked (INVALID_ARGUMENT otherwise)."""
+        which = msg.WhichOneof("type")
+        if which == "snapshot":
+            return cls(Kind.SNAPSHOT, require_id(msg.snapshot.snapshot_id, f"{field}.snapshot.snapshot_id"))
+        if which == "volume":
+            return cls(Kind.VOLUME, require_id(msg.volume.volume_id, f"{field}.volume.volume_id"))
+        raise invalid(field, "snapshot or volume required")
+
+    def to_csi(self) -> csi_pb2.VolumeContentSource:
+        if self.kind == Kind.SNAPSHOT:
+            return csi_pb2.VolumeContentSource(
+                snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=self.id))
+        return csi_pb2.VolumeContentSource(volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id=self.id))
+
+
+def engine_name(kind: Kind, name: str) -> str:
     """Engine names are unique across volumes and snapshots; CSI names are unique per kind only."""
     return f"csi-{kind}:{name}"
 
@@ -63,15 +104,6 @@ def timestamp(seconds: float) -> Timestamp:
     return ts
 
 
-def content_source(source: str) -> csi_pb2.VolumeContentSource | None:
-    kind, _, ident = source.partition(":")
-    if kind == "snapshot":
-        return csi_pb2.VolumeContentSource(snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=ident))
-    if kind == "volume":
-        return csi_pb2.VolumeContentSource(volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id=ident))
-    return None
-
-
 def volume_context(v: Volume) -> dict[str, str]:
     try:
         params = json.loads(v.attrs.get(PARAMS, "{}"))
@@ -88,9 +120,9 @@ def csi_volume(v: Volume, settings: Settings) -> csi_pb2.Volume:
         volume_context=volume_context(v),
         accessible_topology=[csi_pb2.Topology(segments={settings.topology_key: node})],
     )
-    src = content_source(v.attrs.get(SOURCE, ""))
+    src = ContentSource.decode(v.attrs.get(SOURCE, ""))
     if src is not None:
-        out.content_source.CopyFrom(src)
+        out.content_source.CopyFrom(src.to_csi())
     return out
 
 

@@ -55,7 +55,8 @@ T = TypeVar("T")
 
 
 def default_endpoint(state_dir: str) -> str:
-    return unix_endpoint(os.path.join(state_dir, "engine.sock"))
+    """Where a node's engine API listens unless told otherwise: unix://<state-dir>/engine.sock."""
+    return unix_endpoint(os.path.join(os.path.abspath(state_dir), "engine.sock"))
 
 
 def _opt(msg: Any, name: str) -> str | None:
