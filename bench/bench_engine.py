@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 
-from csi_driver.engine import Engine
+from csi_driver.engine import CopyItem, Engine
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -207,7 +207,7 @@ def run(base: str, size: int) -> list[tuple[str, str, str, str]]:
             time.sleep(0.02)
             worst[0] = 0.0
             t = time.perf_counter()
-            eng.snapshot_group([(v, f"cg{k}-{i}", None, None) for i, v in enumerate(members)],
+            eng.snapshot_group([CopyItem(v, f"cg{k}-{i}") for i, v in enumerate(members)],
                                group_name=f"cg{k}")
             starts.append(time.perf_counter() - t)
             holds.append(eng.last_start_hold)

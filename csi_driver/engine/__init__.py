@@ -2,6 +2,7 @@
 
 from csi_driver.engine import errors, model
 from csi_driver.engine.engine import Engine
-from csi_driver.engine.model import GroupInfo, MappingInfo, MappingState, VolumeInfo
+from csi_driver.engine.model import CopyItem, GroupInfo, GroupState, MappingInfo, MappingState, VolumeInfo
 
-__all__ = ["Engine", "GroupInfo", "MappingInfo", "MappingState", "VolumeInfo", "errors", "model"]
+__all__ = ["CopyItem", "Engine", "GroupInfo", "GroupState", "MappingInfo", "MappingState", "VolumeInfo", "errors",
+           "model"]

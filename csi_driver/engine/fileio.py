@@ -1,14 +1,24 @@
-"""The engine's only door to data files. Tests swap it for a fault-injecting or power-loss-simulating one."""
+"""The engine's only door to data files. Tests swap it for a fault-injecting or power-loss-simulating one.
+
+Every call raises engine errors, never a raw OSError for a full or too small filesystem: ENOSPC and EDQUOT
+become `FileNoSpace` (an errors.NoSpace), EFBIG becomes `FileTooLarge` (an errors.OutOfRange); each keeps the
+errno as its `errno` attribute and the OSError as its ``__cause__``. Other OSErrors (EIO, ...) pass unchanged.
+"""
 
 from __future__ import annotations
 
 import errno
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
+
+from csi_driver.engine import errors
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
+_fallocate: Callable[[int, int, int, int], int] | None
+_sync_file_range: Callable[[int, int, int, int], int] | None
 try:  # os.posix_fallocate cannot punch; use the libc call through ctypes once
     import ctypes
     import ctypes.util
@@ -33,6 +43,52 @@ STREAM_WRITE = 256 << 10  # only writes this large count; small random writes ke
 NOSPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
+class FileNoSpace(errors.NoSpace):
+    """The state directory's filesystem is full (or over quota). The message is the OSError's strerror."""
+
+    def __init__(self, message: str, errno_: int = errno.ENOSPC) -> None:
+        super().__init__(message)
+        self.errno = errno_
+
+
+class FileTooLarge(errors.OutOfRange):
+    """A file offset or size larger than the state directory's filesystem allows (EFBIG)."""
+
+    def __init__(self, message: str = "larger than the state directory's filesystem allows",
+                 errno_: int = errno.EFBIG) -> None:
+        super().__init__(message)
+        self.errno = errno_
+
+
+def engine_error(e: OSError) -> errors.EngineError | None:
+    """The engine error an OSError from file I/O stands for, or None when it stays an OSError."""
+    if e.errno in NOSPACE_ERRNOS:
+        return FileNoSpace(e.strerror or os.strerror(e.errno), e.errno)
+    if e.errno == errno.EFBIG:
+        return FileTooLarge()
+    return None
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _engine_errors(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Turn fn's ENOSPC/EDQUOT/EFBIG OSErrors into engine errors (a try costs nothing until it raises)."""
+
+    def call(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return fn(*args, **kwargs)
+        except OSError as e:
+            err = engine_error(e)
+            if err is None:
+                raise
+            raise err from e
+
+    call.__name__, call.__qualname__, call.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
+    return call
+
+
 class FileIO:
     """Positional I/O on data files. Every method is a single syscall (or close to it)."""
 
@@ -40,6 +96,7 @@ class FileIO:
         #: fd -> (low, high, bytes) of large writes since writeback was last started
         self._streamed: dict[int, tuple[int, int, int]] = {}
 
+    @_engine_errors
     def open(self, path: str, *, create: bool = False) -> int:
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
         return os.open(path, flags, 0o600)
@@ -54,6 +111,7 @@ class FileIO:
             data += bytes(length - len(data))
         return data
 
+    @_engine_errors
     def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
         view = memoryview(data)
         start, length = offset, len(view)
@@ -74,8 +132,10 @@ class FileIO:
             self._streamed[fd] = (low, high, n)
             return
         self._streamed.pop(fd, None)
+        assert _sync_file_range is not None  # pwrite calls this only when it is there
         _sync_file_range(fd, low, high - low, SYNC_FILE_RANGE_WRITE)
 
+    @_engine_errors
     def punch(self, fd: int, offset: int, length: int) -> None:
         if _fallocate is None or length <= 0:
             self.pwrite(fd, bytes(length), offset)
@@ -87,6 +147,7 @@ class FileIO:
                 return
             raise OSError(err, os.strerror(err))
 
+    @_engine_errors
     def copy(self, src_fd: int, dst_fd: int, length: int, src_off: int, dst_off: int) -> None:
         """Copy a range between files in the kernel (copy_file_range), falling back to read+write."""
         done = 0
@@ -112,13 +173,16 @@ class FileIO:
             raise
         return nxt >= offset + length
 
+    @_engine_errors
     def commit_metadata(self, store: Any, changes: Any) -> None:
         """One metadata transaction (routed here so tests can crash the engine at this point too)."""
         store.commit(changes)
 
+    @_engine_errors
     def fdatasync(self, fd: int) -> None:
         os.fdatasync(fd)
 
+    @_engine_errors
     def truncate(self, fd: int, size: int) -> None:
         os.ftruncate(fd, size)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 KiB = 1024
@@ -23,6 +24,30 @@ class MappingState(enum.StrEnum):
     COPYING = "copying"
     STOPPING = "stopping"
     STOPPED = "stopped"
+
+
+class GroupState(enum.StrEnum):
+    """A consistency group's state: its most active member's (FlashCopy's group states), "empty" without any."""
+
+    EMPTY = "empty"
+    IDLE_OR_COPIED = "idle_or_copied"
+    PREPARING = "preparing"
+    PREPARED = "prepared"
+    COPYING = "copying"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+    @classmethod
+    def of(cls, member_states: Iterable[MappingState]) -> GroupState:
+        """The group state of mappings in these states."""
+        states = set(member_states)
+        if not states:
+            return cls.EMPTY
+        for s in (MappingState.STOPPING, MappingState.COPYING, MappingState.PREPARING, MappingState.PREPARED,
+                  MappingState.STOPPED):
+            if s in states:
+                return cls(s.value)
+        return cls.IDLE_OR_COPIED
 
 
 # -- the grammar every layer checks against (ids become file names; rates and grains are FlashCopy's)
@@ -122,6 +147,6 @@ class MappingInfo:
 class GroupInfo:
     id: str
     name: str
-    state: str
+    state: GroupState
     mapping_ids: tuple[str, ...]
     start_time: float = 0.0

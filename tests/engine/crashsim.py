@@ -114,14 +114,4 @@ class CrashIO(FileIO):
 
 def abandon(eng: Engine) -> None:
     """Drop an engine as a killed process would: no flush, no commit; the kernel closes its files."""
-    eng._closed = True
-    for v in eng._vols.values():
-        if v.fd >= 0:
-            os.close(v.fd)
-            v.fd = -1
-    for v in eng._unlink_later:
-        if v.fd >= 0:
-            os.close(v.fd)
-            v.fd = -1
-    eng._store.close()
-    os.close(eng._lockfd)
+    eng.abandon()

@@ -7,7 +7,7 @@ import struct
 import threading
 import time
 
-from csi_driver.engine import Engine
+from csi_driver.engine import CopyItem, Engine
 
 GRAIN = 64 * 1024
 GRAINS_PER_WRITER = 4
@@ -64,7 +64,7 @@ def test_writers_snapshots_copies_deletes(tmp_path) -> None:
                 elif kind < 0.8:
                     t, _ = eng.clone(vid, f"c{n}", copy_rate=150)
                 else:
-                    eng.snapshot_group([(v, f"g{n}-{i}", None, None) for i, v in enumerate(vols)],
+                    eng.snapshot_group([CopyItem(v, f"g{n}-{i}") for i, v in enumerate(vols)],
                                        group_name=f"grp{n}")
                     continue
                 snaps.append((vid, t.id, lo, dict(last)))

@@ -22,12 +22,14 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from csi_driver.engine import Engine, errors
+from csi_driver.engine import CopyItem, Engine, errors
 from tests.engine.crashsim import Crash, CrashIO, abandon
 
 GRAIN = 64 * 1024
 NGRAINS = 4
 HEAVY = os.environ.get("CSI_FLASHCOPY_HEAVY") == "1"
+KILLS = 3  # SIGKILLs per seed that must land inside the workload and be verified
+MAX_KILL_ATTEMPTS = 12
 
 
 @dataclass
@@ -148,7 +150,7 @@ def run_workload(eng: Engine, seed: int, world: World, log: list[tuple[str, Worl
             for s, t in zip(srcs, names):
                 world.settle(s)
                 world.vols[t] = world.copy_of(s, NGRAINS * GRAIN)
-            eng.snapshot_group([(eng.find_volume(s).id, t, None, None) for s, t in zip(srcs, names)],
+            eng.snapshot_group([CopyItem(eng.find_volume(s).id, t) for s, t in zip(srcs, names)],
                                group_name=f"grp{n}")
         elif op == "restore" and len(live) >= 2:
             other = rng.choice([x for x in live if x != vname])
@@ -235,42 +237,70 @@ def test_crash_at_every_io_call(seed: int) -> None:
     print(f"seed {seed}: {total} I/O calls, {len(points)} kill points verified")
 
 
+_CHILD = (
+    "import sys; from tests.engine import test_crash as t; from csi_driver.engine import Engine\n"
+    "eng = Engine.open(sys.argv[1], background=False)\n"
+    "w = t.World()\n"
+    "class L(list):\n"
+    "    def append(self, x):\n"
+    "        super().append(x); open(sys.argv[2], 'a').write('.'); \n"
+    "open(sys.argv[4], 'w').close()\n"  # ready: the kill delay counts from here, not from interpreter start
+    "t.run_workload(eng, int(sys.argv[3]), w, L())\n"
+)
+
+
+def _wait_ready(p: subprocess.Popen[bytes], ready: str, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(ready):
+        if p.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(0.0005)
+    return True
+
+
 @pytest.mark.parametrize("seed", [11, 12, 13, 14, 15, 16, 17, 18] if HEAVY else [11, 12, 13, 14])
 def test_sigkill_at_random_instants(seed: int, tmp_path) -> None:
     """A real process, killed by SIGKILL mid-workload: the reopened state matches the model at the kill.
 
     The child runs without the copier thread so that its workload takes the same decisions as the reference
-    run here (background copies happen at the workload's explicit copy steps).
+    run here (background copies happen at the workload's explicit copy steps). The kill lands at a random
+    instant inside the workload (its duration measured by the reference run); a run killed before its first
+    step or after its last verifies nothing mid-workload, so the test retries (bounded) until KILLS runs did.
     """
-    # run once to learn the step log, then kill a second identical run at a random instant
+    # run once to learn the step log (and how long the workload takes), then kill identical runs at random
     full_dir = tmp_path / "full"
     full_dir.mkdir()
     world_full, log_full = World(), []
     eng = Engine.open(str(full_dir), background=False)
+    t0 = time.perf_counter()
     run_workload(eng, seed, world_full, log_full)
+    window = max(time.perf_counter() - t0, 0.002)
     rng = random.Random(seed)
-    for attempt in range(3):
+    verified = attempt = 0
+    while verified < KILLS and attempt < MAX_KILL_ATTEMPTS:
         d = tmp_path / f"kill{attempt}"
+        attempt += 1
         d.mkdir()
-        marker = d / "steps"
-        code = (
-            "import sys; from tests.engine import test_crash as t; from csi_driver.engine import Engine\n"
-            "eng = Engine.open(sys.argv[1], background=False)\n"
-            "w, log = t.World(), []\n"
-            "class L(list):\n"
-            "    def append(self, x):\n"
-            "        super().append(x); open(sys.argv[2], 'a').write('.'); \n"
-            "t.run_workload(eng, int(sys.argv[3]), w, L())\n"
-        )
-        p = subprocess.Popen([sys.executable, "-c", code, str(d), str(marker), str(seed)],
+        marker, ready = d / "steps", str(d / "ready")
+        p = subprocess.Popen([sys.executable, "-c", _CHILD, str(d), str(marker), str(seed), ready],
                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-        time.sleep(rng.uniform(0.3, 1.2))
+        started = _wait_ready(p, ready)
+        if started:
+            time.sleep(rng.uniform(0, window))
+        mid = p.poll() is None  # still running: the kill lands inside the workload
         p.send_signal(signal.SIGKILL)
         p.wait()
+        assert started or mid or p.returncode == 0, f"child failed before its workload (exit {p.returncode})"
         steps = len(marker.read_text()) if marker.exists() else 0
+        if not mid:
+            window /= 2  # the workload finished first: kill sooner next time
         if steps == 0:
             continue
         # the process died during step `steps` (1-based): the state must match before or after it
         verify_log = log_full[:steps]
         after = log_full[steps][1] if steps < len(log_full) else world_full
         verify(str(d), verify_log, after)
+        if mid and steps >= 2:  # a real kill, after at least one acknowledged step
+            verified += 1
+    assert verified >= KILLS, f"only {verified} of {attempt} SIGKILL runs landed inside the workload"
+    print(f"seed {seed}: {verified} SIGKILL runs verified mid-workload in {attempt} attempts")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from csi_driver.engine import Engine, MappingState, errors
+from csi_driver.engine import CopyItem, Engine, MappingState, errors
 from csi_driver.engine.model import rate_to_bytes_per_second
 
 KiB = 1024
@@ -141,10 +141,10 @@ def test_group_start_is_all_or_nothing(eng) -> None:
     b = eng.create_volume("b", 2 * G, grain_size=G)
     eng.create_volume("taken", 2 * G, grain_size=G)
     with pytest.raises(errors.AlreadyExists):
-        eng.snapshot_group([(a.id, "a-snap", None, None), (b.id, "taken", None, None)], group_name="g")
+        eng.snapshot_group([CopyItem(a.id, "a-snap"), CopyItem(b.id, "taken")], group_name="g")
     assert [v.name for v in eng.list_volumes()] == ["a", "b", "taken"]
     assert eng.list_groups() == [] and eng.list_mappings() == []
-    grp, pairs = eng.snapshot_group([(a.id, "a-snap", None, None), (b.id, "b-snap", None, None)],
+    grp, pairs = eng.snapshot_group([CopyItem(a.id, "a-snap"), CopyItem(b.id, "b-snap")],
                                     group_name="g")
     assert grp.state == "copying" and len(grp.mapping_ids) == 2
     assert len({m.start_time for _, m in pairs}) == 1
@@ -225,7 +225,7 @@ def test_quiesce_hook_may_write_through_the_engine(tmp_path) -> None:
             yield
 
         snap, _ = e.snapshot(a.id, "s", quiesce=freeze)
-        _, pairs = e.snapshot_group([(a.id, "g1", None, None), (b.id, "g2", None, None)], group_name="g",
+        _, pairs = e.snapshot_group([CopyItem(a.id, "g1"), CopyItem(b.id, "g2")], group_name="g",
                                     quiesce=freeze)
         assert seen == [[a.id], [a.id, b.id]]
         assert e.read(snap.id, 0, 12) == b"frozen-flush"  # what the freeze flushed is in the snapshot

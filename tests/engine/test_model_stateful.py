@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from csi_driver.engine import Engine, MappingState, errors
+from csi_driver.engine import CopyItem, Engine, MappingState, errors
 from tests.engine.model import Model
 
 GRAIN = 64 * 1024
@@ -144,7 +144,7 @@ class EngineMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def group_snapshot(self, data: st.DataObject) -> None:
         srcs = data.draw(st.lists(st.sampled_from(self._online()), min_size=1, max_size=3, unique=True))
-        items = [(s, self._name(), None, None) for s in srcs]
+        items = [CopyItem(s, self._name()) for s in srcs]
         _, pairs = self.eng.snapshot_group(items, group_name=self._name())
         for s, (t, m) in zip(srcs, pairs):
             assert m.source_id == s and m.start_time == pairs[0][1].start_time
