@@ -47,6 +47,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from csi_driver.datapath import privileged
+from csi_driver.engine.model import CopyItem
 
 MiB = 1 << 20
 SEQ_BS = MiB
@@ -364,7 +365,7 @@ def freeze_measures(base: str, res: Resources, fp: FullPath) -> dict[str, list[t
                     snap, _ = eng.snapshot(vols[0][0], f"s-{tag}", quiesce=dp.quiesce)
                     made = [snap.id]
                 else:
-                    _g, pairs = eng.snapshot_group([(vid, f"g-{tag}-{j}", None, None)
+                    _g, pairs = eng.snapshot_group([CopyItem(vid, f"g-{tag}-{j}")
                                                     for j, (vid, _s) in enumerate(vols[:n])],
                                                    group_name=f"g-{tag}", quiesce=dp.quiesce)
                     made = [v.id for v, _m in pairs]

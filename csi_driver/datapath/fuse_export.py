@@ -63,7 +63,8 @@ class EngineVolume:
         return int(self.engine.get_volume(self.volume_id).size)
 
     def read(self, offset: int, length: int) -> bytes:
-        return self.engine.read(self.volume_id, offset, length)
+        data: bytes = self.engine.read(self.volume_id, offset, length)
+        return data
 
     def write(self, offset: int, data: bytes) -> None:
         self.engine.write(self.volume_id, offset, data)
@@ -237,7 +238,8 @@ class _Ops:
         self.start_time = time.time_ns()
 
     def _err(self, code: int) -> Exception:
-        return self.FuseOSError(code)
+        err: Exception = self.FuseOSError(code)
+        return err
 
     def init_with_config(self, conn: Any, config: Any) -> None:
         if conn is not None:

@@ -12,9 +12,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from csi_driver.embedded import EmbeddedBackend
 from csi_driver.csi.driver import BackendSlot, Driver
 from csi_driver.csi.settings import Settings
+from csi_driver.embedded import EmbeddedBackend
 from csi_driver.engine import Engine
 from csi_driver.proto_gen import csi_pb2, csi_pb2_grpc
 from csi_driver.server import build_server

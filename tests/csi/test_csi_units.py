@@ -8,9 +8,9 @@ import errno
 import grpc
 import pytest
 
+from csi_driver.api import Volume
 from csi_driver.csi import errors as csi_errors
 from csi_driver.csi import objects as o
-from csi_driver.api import Volume
 from csi_driver.csi.controller import ControllerServicer, choose_size
 from csi_driver.csi.group_controller import GroupControllerServicer
 from csi_driver.csi.locks import KeyedTryLock
@@ -18,9 +18,9 @@ from csi_driver.csi.logs import strip_secrets
 from csi_driver.csi.node import NodeServicer
 from csi_driver.csi.params import parse_snapshot_params, parse_volume_params
 from csi_driver.csi.settings import Settings
+from csi_driver.embedded import EmbeddedBackend
 from csi_driver.engine import errors as engine_errors
 from csi_driver.proto_gen import csi_pb2, csi_pb2_grpc
-from csi_driver.embedded import EmbeddedBackend
 from csi_driver.sockets import parse_endpoint
 from csi_driver.status import status_for
 

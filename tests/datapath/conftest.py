@@ -12,8 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from csi_driver.datapath import privileged
-from csi_driver.datapath import datapath_unavailable
+from csi_driver.datapath import datapath_unavailable, privileged
 
 
 def _why_no_kernel() -> str | None:

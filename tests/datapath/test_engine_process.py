@@ -25,9 +25,9 @@ import pytest
 
 from csi_driver.api import SnapshotItem
 from csi_driver.datapath import privileged
-from csi_driver.remote import wire
 from csi_driver.engine import errors
 from csi_driver.proto_gen import csi_pb2
+from csi_driver.remote import wire
 from tests.csi.conftest import REPO, CsiServer
 from tests.datapath.conftest import leftovers, needs_kernel
 
@@ -183,8 +183,8 @@ def test_engine_stubs_match_a_fresh_generation(tmp_path: Path) -> None:
 
 
 def test_unreachable_engine_is_unavailable(tmp_path: Path) -> None:
-    from csi_driver.status import status_for
     from csi_driver.remote.client import RemoteBackend
+    from csi_driver.status import status_for
 
     b = RemoteBackend(f"unix://{tmp_path}/nobody.sock")
     assert b.is_ready() is False

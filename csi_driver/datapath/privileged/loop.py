@@ -1,0 +1,120 @@
+"""Loop devices: attach (atomically, `losetup --find --show`), detach, list (from sysfs), refresh capacity."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+from csi_driver.datapath.privileged.errors import CommandError
+from csi_driver.datapath.privileged.runner import Runner, run
+
+LOSETUP_TIMEOUT = 60.0
+DEVICE_NODE_WAIT = 1.0  # without udev (containers) the device node losetup made may appear a moment later
+DETACH_RETRY_SECONDS = 5.0  # the kernel may hold a just-released device briefly
+AUTOCLEAR_WAIT = 1.0  # losetup -d on a busy device only sets autoclear: the backing file goes on release
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopInfo:
+    device: str
+    backing_file: str
+    direct_io: bool
+    read_only: bool
+
+
+def list_loops() -> list[LoopInfo]:
+    """All attached loop devices, read from sysfs (no command, so cheap enough for leak checks)."""
+    out = []
+    base = "/sys/block"
+    for name in sorted(os.listdir(base)):
+        if not name.startswith("loop"):
+            continue
+        try:
+            with open(f"{base}/{name}/loop/backing_file") as f:
+                backing = f.read().rstrip("\n")
+        except OSError:
+            continue  # not attached
+        dio = _read_sys(f"{base}/{name}/loop/dio") == "1"
+        ro = _read_sys(f"{base}/{name}/ro") == "1"
+        out.append(LoopInfo(f"/dev/{name}", backing, dio, ro))
+    return out
+
+
+def _read_sys(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def loops_for(path: str, *, runner: Runner | None = None) -> list[str]:
+    """Loop devices whose backing file is path (losetup -j)."""
+    # exit 1: no loop device uses path
+    res = run(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE", "-j", path], ok_codes=(0, 1),
+              timeout=LOSETUP_TIMEOUT, runner=runner)
+    if not res.stdout.strip():
+        return []
+    return [d["name"] for d in json.loads(res.stdout).get("loopdevices", [])]
+
+
+def attach_loop(path: str, *, read_only: bool = False, direct_io: bool = True, reuse: bool = True,
+                runner: Runner | None = None) -> str:
+    """Attach path to a free loop device and return it; reuse one already attached to path (unless
+    reuse=False: a second, e.g. read-only, device on the same file).
+
+    `losetup --find --show` picks and binds the device in one call, so two callers never race for one.
+    """
+    existing = loops_for(path, runner=runner) if reuse else []
+    if existing:
+        return existing[0]
+    argv = ["losetup", "--find", "--show"]
+    if direct_io:
+        argv.append("--direct-io=on")
+    if read_only:
+        argv.append("--read-only")
+    argv.append(path)
+    dev = run(argv, timeout=LOSETUP_TIMEOUT, runner=runner).stdout.strip()
+    if not dev.startswith("/dev/loop"):
+        raise CommandError(argv, 0, dev, "", "unexpected output")
+    # udev may be absent (containers): wait for the node losetup created to be usable
+    deadline = time.monotonic() + DEVICE_NODE_WAIT
+    while not os.path.exists(dev) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return dev
+
+
+def detach_loop(device: str, *, timeout: float = LOSETUP_TIMEOUT, runner: Runner | None = None) -> None:
+    """Detach a loop device; fine if it is already free. Retries briefly while the kernel still holds it."""
+    name = os.path.basename(device)
+    deadline = time.monotonic() + DETACH_RETRY_SECONDS
+    while True:
+        if not os.path.exists(f"/sys/block/{name}/loop/backing_file"):
+            return
+        try:
+            run(["losetup", "-d", device], timeout=timeout, runner=runner)
+        except CommandError:
+            if not os.path.exists(f"/sys/block/{name}/loop/backing_file"):
+                return
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+            continue
+        # losetup -d may only set autoclear on a busy device; the backing file goes when it is released
+        release = time.monotonic() + AUTOCLEAR_WAIT
+        while os.path.exists(f"/sys/block/{name}/loop/backing_file") and time.monotonic() < release:
+            time.sleep(0.02)
+        return
+
+
+def refresh_loop_capacity(device: str, *, runner: Runner | None = None) -> None:
+    """Make the loop device pick up its backing file's new size (losetup -c)."""
+    run(["losetup", "-c", device], timeout=LOSETUP_TIMEOUT, runner=runner)
+
+
+def block_size_bytes(device: str) -> int:
+    """Size of a block device, also through a bind-mounted device node (looked up by device number)."""
+    rdev = os.stat(device).st_rdev
+    return int(_read_sys(f"/sys/dev/block/{os.major(rdev)}:{os.minor(rdev)}/size") or 0) * 512
