@@ -14,22 +14,25 @@ T = TypeVar("T")
 
 
 def wait_for(predicate: Callable[[], T], *, timeout: float = 30.0, what: str = "the condition",
-             interval: float = 0.05) -> T:
-    """predicate()'s first truthy value; AssertionError after timeout seconds, naming `what` and the last value
-    (or exception) seen. Exceptions from the predicate count as "not yet"."""
+             interval: float = 0.05, why: Callable[[], str] | None = None,
+             ignore: tuple[type[BaseException], ...] = ()) -> T:
+    """predicate()'s first truthy value; AssertionError after timeout seconds, naming `what`, the last value (or
+    ignored exception) seen and `why()` (e.g. a server log). Exceptions in `ignore` count as "not yet"; any other
+    propagates at once (a process that died is not worth waiting for)."""
     deadline = time.monotonic() + timeout
     last: object = None
     while True:
         try:
             value = predicate()
-        except Exception as e:  # e.g. a file not written yet: keep waiting
+        except ignore as e:
             last = e
         else:
             if value:
                 return value
             last = value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+            detail = f"\n{why()}" if why is not None else ""
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r}){detail}")
         time.sleep(interval)
 
 

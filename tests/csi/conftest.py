@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import grpc
 import pytest
 
 from csi_driver.proto_gen import csi_pb2, csi_pb2_grpc
+from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_ID = "test-node"
@@ -91,29 +91,22 @@ class CsiServer(CsiStubs):
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child, closed with it
         self.proc = subprocess.Popen(self.argv(), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
-        deadline = time.monotonic() + timeout
-        while not self.sock.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no socket after {timeout}s:\n{self.log()}")
-            time.sleep(0.02)
+        proc = self.proc
+
+        def socket_up() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{self.log()}")
+            return self.sock.exists()
+
+        wait_for(socket_up, timeout=timeout, what="the server's socket", interval=0.02, why=self.log)
         self.channel = grpc.insecure_channel(self.endpoint)
         if wait_ready:
             self.wait_ready(timeout)
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if self.identity.Probe(csi_pb2.ProbeRequest(), timeout=5).ready.value:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"not ready after {timeout}s:\n{self.log()}")
-            time.sleep(0.05)
+        wait_for(lambda: self.identity.Probe(csi_pb2.ProbeRequest(), timeout=5).ready.value, timeout=timeout,
+                 what="Probe ready", why=self.log, ignore=(grpc.RpcError,))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         if self.channel is not None:

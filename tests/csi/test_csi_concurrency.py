@@ -16,6 +16,7 @@ import grpc
 from csi_driver.engine import Engine
 from csi_driver.proto_gen import csi_pb2, csi_pb2_grpc
 from tests.csi.conftest import MiB, mount_cap
+from tests.waiting import wait_for
 
 C = grpc.StatusCode
 CLIENTS = 32
@@ -31,7 +32,7 @@ def retrying(fn: Callable[..., Any], req: Any) -> Any:
         except grpc.RpcError as e:
             if e.code() != C.ABORTED:
                 raise
-            time.sleep(random.uniform(0.001, 0.02))
+            time.sleep(random.uniform(0.001, 0.02))  # retry backoff (what a sidecar does), not a wait
     raise AssertionError("still ABORTED after 400 tries")
 
 
@@ -152,10 +153,8 @@ def test_32_clients(server_factory) -> None:
     try:
         assert eng.wait_copies(timeout=120)
         assert eng.list_volumes() == [] and eng.list_groups() == []
-        deadline = time.monotonic() + 60
-        while os.listdir(os.path.join(srv.state, "volumes")) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert os.listdir(os.path.join(srv.state, "volumes")) == []
+        wait_for(lambda: os.listdir(os.path.join(srv.state, "volumes")) == [], timeout=60,
+                 what="every data file reclaimed")
     finally:
         eng.close()
     print(f"32 clients x {ROUNDS} rounds: {elapsed:.1f}s, {aborted[0]} ABORTED answers on contended names")

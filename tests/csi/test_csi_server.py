@@ -18,6 +18,7 @@ import grpc
 
 from csi_driver.proto_gen import csi_pb2
 from tests.csi.conftest import CsiServer, MiB, mount_cap, rpc_code
+from tests.waiting import wait_for
 
 C = grpc.StatusCode
 
@@ -120,7 +121,7 @@ def test_probe_waits_for_the_engine(server_factory) -> None:
     waiting = server_factory("waiter")
     waiting.state = first.state  # same state dir: the engine lock is held by the first server
     waiting.start(wait_ready=False)
-    time.sleep(0.5)
+    time.sleep(0.5)  # a negative check: the engine stays locked by the first server all along
     assert waiting.identity.Probe(csi_pb2.ProbeRequest()).ready.value is False
     assert rpc_code(waiting.controller.ListVolumes, csi_pb2.ListVolumesRequest()) == C.UNAVAILABLE
     assert waiting.identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest()).name  # identity works meanwhile
@@ -162,7 +163,7 @@ def test_sigterm_drains_and_keeps_every_acknowledged_volume(server_factory) -> N
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
     for t in threads:
         t.start()
-    time.sleep(1.0)
+    wait_for(lambda: len(acked) >= 12, timeout=60, what="calls completing before SIGTERM")
     assert srv.proc is not None
     srv.proc.send_signal(signal.SIGTERM)
     code = srv.proc.wait(60)
@@ -258,10 +259,11 @@ def test_environment_variables_configure_serve(tmp_path_factory) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "csi_driver", "serve"], cwd=REPO, env=env,
                             stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
-        while not (root / "env.sock").exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+        def socket_up() -> bool:
+            assert proc.poll() is None, f"serve exited {proc.returncode}"
+            return (root / "env.sock").exists()
+
+        wait_for(socket_up, timeout=30, what="the socket named by CSI_ENDPOINT")
         from csi_driver.proto_gen import csi_pb2_grpc
 
         with grpc.insecure_channel(f"unix://{root}/env.sock") as ch:

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -235,8 +234,3 @@ def check_files(root: str, digests: dict[str, str]) -> None:
             assert hashlib.sha256(f.read()).hexdigest() == digest, f"{name} differs in {root}"
 
 
-def wait_for(cond: object, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)

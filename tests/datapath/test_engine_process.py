@@ -30,6 +30,7 @@ from csi_driver.proto_gen import csi_pb2
 from csi_driver.remote import wire
 from tests.csi.conftest import REPO, CsiServer
 from tests.datapath.conftest import leftovers, needs_kernel
+from tests.waiting import wait_for
 
 MiB = 1 << 20
 MODE = csi_pb2.VolumeCapability.AccessMode
@@ -75,14 +76,15 @@ class EngineProc:
 
         b = RemoteBackend(self.endpoint)
         try:
-            deadline = time.monotonic() + timeout
-            while not b.is_ready():
-                assert self.proc is not None
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"engine exited {self.proc.returncode}:\n{self.log()}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"engine not ready after {timeout}s:\n{self.log()}")
-                time.sleep(0.05)
+            proc = self.proc
+            assert proc is not None
+
+            def ready() -> bool:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"engine exited {proc.returncode}:\n{self.log()}")
+                return b.is_ready()
+
+            wait_for(ready, timeout=timeout, what="the engine to answer", why=self.log)
         finally:
             b.close()
 
@@ -329,7 +331,7 @@ class Writer(threading.Thread):
                     os.write(fd, bytes(buf[:4096]))
                 os.fsync(fd)
                 self.acked += 1
-                time.sleep(0.002)
+                time.sleep(0.002)  # the workload's pace, not a wait
         except OSError as e:
             self.error = e
         finally:
@@ -340,11 +342,6 @@ class Writer(threading.Thread):
         self.join(30)
 
 
-def wait_for(pred: object, timeout: float = 30.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 @needs_kernel
@@ -354,7 +351,7 @@ def test_kill_server_then_engine_during_io(workdir: str, engine_proc: EngineProc
     # serve --engine process never starts an engine: not ready, UNAVAILABLE, until one answers
     node.srv.start(wait_ready=False)
     try:
-        time.sleep(0.5)
+        time.sleep(0.5)  # a negative check: nothing makes it ready in this time
         assert node.probe() is False
         assert node.code("NodeGetInfo", csi_pb2.NodeGetInfoRequest()) == C.OK  # node identity works meanwhile
         try:
@@ -481,7 +478,7 @@ def test_serve_auto_keep_engine_leaves_a_detached_engine_running(workdir: str) -
         srv.stop()
         if engine_pid:
             os.kill(engine_pid, signal.SIGTERM)
-            wait_for(lambda: not _alive(engine_pid), 60, "the engine to exit")
+            wait_for(lambda: not _alive(engine_pid), timeout=60, what="the engine to exit")
     assert srv.exit_codes and all(c == 0 for c in srv.exit_codes), srv.log()[-3000:]
 
 

@@ -24,6 +24,7 @@ import pytest
 from csi_driver.proto_gen import csi_pb2
 from tests.datapath.conftest import needs_kernel
 from tests.datapath.csi_node import ENGINE_MODES, NodeCluster, make_cluster
+from tests.waiting import wait_for
 
 REC = 4096
 WRITERS = 3
@@ -129,7 +130,8 @@ def test_group_snapshot_is_write_order_consistent(cluster: NodeCluster, workdir:
         writers = [Writer(rnd, i, mounts, stop) for i in range(WRITERS)]
         for w in writers:
             w.start()
-        time.sleep(0.2 + rng.random() * 0.4)
+        wait_for(lambda ws=writers: all(w.completed >= 5 for w in ws), timeout=60, what="every writer under way")
+        time.sleep(rng.random() * 0.4)  # a random snapshot instant within the writes (pacing, not a wait)
         before = [w.completed for w in writers]
         resp = cluster.srv.group.CreateVolumeGroupSnapshot(csi_pb2.CreateVolumeGroupSnapshotRequest(
             name=f"group-{uuid.uuid4().hex[:10]}", source_volume_ids=[v.volume_id for v in vols]), timeout=120)

@@ -21,7 +21,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import pytest
 import yaml
 
 from tests.packaging import packaging_manifests as pm
+from tests.waiting import wait_for, wait_process_exit
 
 UP, DOWN = pm.PEER_K8S / "up.sh", pm.PEER_K8S / "down.sh"
 NODE = "flashcopy-node-1"
@@ -73,15 +73,7 @@ def _free_port() -> int:
 
 def _wait(what: str, fn: Callable[[], Any], timeout: float = WAIT, every: float = 0.25,
           why: Callable[[], str] | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            detail = why() if why else ""
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{detail}")
-        time.sleep(every)
+    return wait_for(fn, timeout=timeout, what=what, interval=every, why=why)
 
 
 @dataclass
@@ -222,15 +214,7 @@ def _kill_leftovers(pids: list[int], state: Path) -> None:
 
 def _wait_dead(pid: int, timeout: float = 10.0) -> None:
     """Until pid has exited (gone, or a zombie whose parent has not reaped it yet)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            return
-        if state in ("Z", "X"):
-            return
-        time.sleep(0.05)
+    wait_process_exit(pid, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -264,14 +248,68 @@ def create(k8s: Any, obj: dict[str, Any], namespace: str | None = NS) -> dict[st
 
 
 def create_example(k8s: Any, name: str) -> list[dict[str, Any]]:
-    """Create the objects of deploy/examples/<name> as a user would; PVCs get the selected-node annotation
-    the scheduler would set for a WaitForFirstConsumer class once their pod is scheduled (there is no scheduler)."""
+    """Create the objects of deploy/examples/<name> that do not exist yet, as a user would; PVCs get the
+    selected-node annotation the scheduler would set for a WaitForFirstConsumer class once their pod is scheduled
+    (there is no scheduler). Idempotent, so every test can ask for what it needs in any order."""
     out = []
     for obj in pm.examples()[name]:
         if obj["kind"] == "PersistentVolumeClaim":
             obj.setdefault("metadata", {}).setdefault("annotations", {})["volume.kubernetes.io/selected-node"] = NODE
-        out.append(create(k8s, obj))
+        found = get(k8s, obj["apiVersion"], obj["kind"], obj["metadata"]["name"],
+                    NS if res(k8s, obj["apiVersion"], obj["kind"]).namespaced else None)
+        out.append(found if found is not None else create(k8s, obj))
     return out
+
+
+# Each test asks for the objects it needs through these (idempotent) steps instead of relying on an earlier
+# test having made them: the module passes in any order (checked by running it reversed).
+
+
+def data_pvc(k8s: Any, cluster: Cluster) -> dict[str, Any]:
+    create_example(k8s, "pvc-and-pod.yaml")
+    return wait_bound(k8s, cluster, "data")["data"]
+
+
+def data_snapshot(k8s: Any, cluster: Cluster) -> dict[str, Any]:
+    data_pvc(k8s, cluster)
+    create_example(k8s, "snapshot.yaml")
+
+    def ready() -> dict[str, Any] | None:
+        vs = get(k8s, "snapshot.storage.k8s.io/v1", "VolumeSnapshot", "data-snapshot", NS)
+        return vs if vs and vs.get("status", {}).get("readyToUse") else None
+
+    vs: dict[str, Any] = _wait("VolumeSnapshot readyToUse", ready, why=cluster.logs)
+    return vs
+
+
+def restores_and_clone(k8s: Any, cluster: Cluster) -> dict[str, dict[str, Any]]:
+    data_snapshot(k8s, cluster)
+    create_example(k8s, "restore.yaml")
+    create_example(k8s, "clone.yaml")
+    return wait_bound(k8s, cluster, "data-restored", "data-restored-large", "data-clone")
+
+
+GROW_PVC = "grow"
+
+
+def grown_pvc(k8s: Any, cluster: Cluster) -> str:
+    """A PVC of its own (a copy of the example's), expanded to 2Gi: expansion never changes what other tests see."""
+    if get(k8s, "v1", "PersistentVolumeClaim", GROW_PVC, NS) is None:
+        pvc = next(o for o in pm.examples()["pvc-and-pod.yaml"] if o["kind"] == "PersistentVolumeClaim")
+        pvc["metadata"] = {"name": GROW_PVC, "annotations": {"volume.kubernetes.io/selected-node": NODE}}
+        create(k8s, pvc)
+    wait_bound(k8s, cluster, GROW_PVC)
+    r = res(k8s, "v1", "PersistentVolumeClaim")
+    r.patch(name=GROW_PVC, namespace=NS, body={"spec": {"resources": {"requests": {"storage": "2Gi"}}}},
+            content_type="application/merge-patch+json")
+    pv_name = pvc_bound(k8s, GROW_PVC)["spec"]["volumeName"]
+
+    def grown() -> bool:
+        pv = get(k8s, "v1", "PersistentVolume", pv_name)
+        return quantity_bytes(pv["spec"]["capacity"]["storage"]) == 2 * GiB
+
+    _wait("PV capacity 2Gi after ControllerExpandVolume", grown, why=cluster.logs)
+    return pv_name
 
 
 def pvc_bound(k8s: Any, name: str) -> dict[str, Any] | None:
@@ -353,12 +391,20 @@ def _pod_containers(k8s: Any, kind: str, name: str) -> dict[str, dict[str, Any]]
 
 # ----------------------------------------------------------------------------------------------------- the tests
 
-def test_every_rendered_object_passes_server_side_dry_run(cluster: Cluster, k8s: Any) -> None:
-    """Chart renders (whole values matrix), both kustomize directories and the examples, against the real API
-    server and the snapshot CRDs (server-side apply, dry run: admission, CRD schemas and CEL rules all run)."""
+@pytest.fixture(scope="module")
+def namespace(cluster: Cluster) -> str:
+    """The examples' namespace, with the ServiceAccount kube-controller-manager (not run by the peer) would make."""
     cluster.kubectl("create", "namespace", NS)
-    # what kube-controller-manager's serviceaccount controller (not run by the peer) would create
     cluster.kubectl("-n", NS, "create", "serviceaccount", "default")
+    return NS
+
+
+@pytest.fixture(scope="module")
+def server_dry_run(cluster: Cluster, namespace: str) -> tuple[int, dict[str, str], subprocess.CompletedProcess[str]]:
+    """Chart renders (whole values matrix), both kustomize directories and the examples, against the real API
+    server and the snapshot CRDs (server-side apply, dry run: admission, CRD schemas and CEL rules all run).
+    Runs before the chart is installed (`installed` needs it), whatever the test order: an installed
+    release's immutable fields would refuse the other value sets."""
     sources: dict[str, str] = {}
     for name, values in pm.VALUE_MATRIX.items():
         sources[f"chart:{name}"] = pm.helm_template_text(values, kube_version="1.35.0")
@@ -367,25 +413,41 @@ def test_every_rendered_object_passes_server_side_dry_run(cluster: Cluster, k8s:
     for name, path in sorted((p.name, p) for p in pm.EXAMPLES.glob("*.yaml")):
         sources[f"example:{name}"] = path.read_text()
     applied = 0
+    failures: dict[str, str] = {}
     for name, text in sources.items():
         ns = NS if name.startswith("example:") else pm.NAMESPACE
         r = cluster.kubectl("apply", "--server-side", "--dry-run=server", "--field-manager=packaging-test",
                             "-n", ns, "-f", "-", stdin=text, check=False)
-        assert r.returncode == 0, f"{name}: {r.stderr}"
+        if r.returncode != 0:
+            failures[name] = r.stderr
         applied += r.stdout.count("(server dry run)")
-    assert applied >= 100
     # and the API server really checks: a VolumeGroupSnapshotClass with a bad deletionPolicy is refused
     bad = ("apiVersion: groupsnapshot.storage.k8s.io/v1\nkind: VolumeGroupSnapshotClass\nmetadata: {name: bad}\n"
            f"driver: {DRIVER}\ndeletionPolicy: Keep\n")
-    r = cluster.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-", stdin=bad, check=False)
-    assert r.returncode != 0 and "deletionPolicy" in r.stderr
+    refused = cluster.kubectl("apply", "--server-side", "--dry-run=server", "-f", "-", stdin=bad, check=False)
+    return applied, failures, refused
 
 
-def test_helm_install(cluster: Cluster, k8s: Any) -> None:
+@pytest.fixture(scope="module")
+def installed(cluster: Cluster, namespace: str, server_dry_run: Any) -> subprocess.CompletedProcess[str]:
+    """`helm install` of the chart, as a user would (every test that needs the driver gets it through this)."""
     r = subprocess.run(["helm", "install", pm.RELEASE, str(pm.CHART), "--namespace", pm.NAMESPACE,
                         "--kubeconfig", str(cluster.kubeconfig), "--wait=false"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_every_rendered_object_passes_server_side_dry_run(server_dry_run: Any) -> None:
+    applied, failures, refused = server_dry_run
+    assert failures == {}
+    assert applied >= 100
+    # and the API server really checks: a VolumeGroupSnapshotClass with a bad deletionPolicy is refused
+    assert refused.returncode != 0 and "deletionPolicy" in refused.stderr
+
+
+def test_helm_install(cluster: Cluster, k8s: Any, installed: subprocess.CompletedProcess[str]) -> None:
+    r = installed
     assert "Take a first snapshot" in r.stdout and "single-node" in r.stdout  # NOTES.txt
     assert get(k8s, "storage.k8s.io/v1", "CSIDriver", DRIVER)["spec"]["attachRequired"] is False
     assert get(k8s, "storage.k8s.io/v1", "StorageClass", "flashcopy")["provisioner"] == DRIVER
@@ -394,7 +456,7 @@ def test_helm_install(cluster: Cluster, k8s: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def driver(cluster: Cluster, k8s: Any) -> Iterator[Driver]:
+def driver(cluster: Cluster, k8s: Any, installed: Any) -> Iterator[Driver]:
     """`csi-flashcopy serve` with the plugin container's args from the installed DaemonSet, paths remapped under the
     test's state dir, and the engine embedded instead of the pod's separate engine container."""
     containers = _pod_containers(k8s, "DaemonSet", f"{pm.RELEASE}-node")
@@ -424,24 +486,33 @@ def driver(cluster: Cluster, k8s: Any) -> Iterator[Driver]:
     proc.stop()
 
 
-def test_node_registration(cluster: Cluster, k8s: Any, driver: Driver) -> None:
+@pytest.fixture(scope="module")
+def registered(k8s: Any, driver: Driver) -> Any:
     """What the kubelet and node-driver-registrar would do: the Node with its topology label and the CSINode
     entry, both from what NodeGetInfo reports."""
     from csi_driver.proto_gen import csi_pb2
 
     info = driver.stubs()[2].NodeGetInfo(csi_pb2.NodeGetInfoRequest(), timeout=10)
-    assert info.node_id == NODE
     segments = dict(info.accessible_topology.segments)
-    assert segments == {TOPOLOGY_KEY: NODE}
     create(k8s, {"apiVersion": "v1", "kind": "Node",
                  "metadata": {"name": NODE, "labels": {"kubernetes.io/hostname": NODE, **segments}}}, None)
     create(k8s, {"apiVersion": "storage.k8s.io/v1", "kind": "CSINode", "metadata": {"name": NODE},
                  "spec": {"drivers": [{"name": DRIVER, "nodeID": info.node_id, "topologyKeys": sorted(segments)}]}},
            None)
+    return info
+
+
+def test_node_registration(k8s: Any, registered: Any) -> None:
+    assert registered.node_id == NODE
+    assert dict(registered.accessible_topology.segments) == {TOPOLOGY_KEY: NODE}
+    node = get(k8s, "v1", "Node", NODE)
+    assert node["metadata"]["labels"][TOPOLOGY_KEY] == NODE
+    csinode = get(k8s, "storage.k8s.io/v1", "CSINode", NODE)
+    assert [d["name"] for d in csinode["spec"]["drivers"]] == [DRIVER]
 
 
 @pytest.fixture(scope="module")
-def sidecars(cluster: Cluster, k8s: Any, driver: Driver) -> dict[str, tuple[Proc, int]]:
+def sidecars(cluster: Cluster, k8s: Any, driver: Driver, registered: Any) -> dict[str, tuple[Proc, int]]:
     """The controller sidecars with exactly the installed DaemonSet's args, authenticated as its ServiceAccount."""
     ds = get(k8s, "apps/v1", "DaemonSet", f"{pm.RELEASE}-node", pm.NAMESPACE)
     sa = ds["spec"]["template"]["spec"]["serviceAccountName"]
@@ -489,8 +560,7 @@ def test_sidecars_lead_and_are_healthy(cluster: Cluster, k8s: Any, sidecars: dic
 
 
 def test_pvc_binds(cluster: Cluster, k8s: Any, sidecars: Any) -> None:
-    create_example(k8s, "pvc-and-pod.yaml")
-    pvc = wait_bound(k8s, cluster, "data")["data"]
+    pvc = data_pvc(k8s, cluster)
     pv = pv_of(k8s, pvc)
     assert pv["spec"]["csi"]["driver"] == DRIVER
     assert quantity_bytes(pv["spec"]["capacity"]["storage"]) == GiB
@@ -500,31 +570,27 @@ def test_pvc_binds(cluster: Cluster, k8s: Any, sidecars: Any) -> None:
     assert pv["spec"]["csi"]["volumeHandle"]
 
 
-def test_snapshot_ready(cluster: Cluster, k8s: Any) -> None:
-    create_example(k8s, "snapshot.yaml")
-
-    def ready() -> dict[str, Any] | None:
-        vs = get(k8s, "snapshot.storage.k8s.io/v1", "VolumeSnapshot", "data-snapshot", NS)
-        return vs if vs and vs.get("status", {}).get("readyToUse") else None
-
-    vs = _wait("VolumeSnapshot readyToUse", ready, why=cluster.logs)
+def test_snapshot_ready(cluster: Cluster, k8s: Any, sidecars: Any) -> None:
+    vs = data_snapshot(k8s, cluster)
     assert quantity_bytes(vs["status"]["restoreSize"]) == GiB
     content = get(k8s, "snapshot.storage.k8s.io/v1", "VolumeSnapshotContent",
                   vs["status"]["boundVolumeSnapshotContentName"])
     assert content["spec"]["driver"] == DRIVER and content["status"]["snapshotHandle"]
 
 
-def test_restores_and_clone_bind(cluster: Cluster, k8s: Any) -> None:
-    create_example(k8s, "restore.yaml")
-    create_example(k8s, "clone.yaml")
-    pvcs = wait_bound(k8s, cluster, "data-restored", "data-restored-large", "data-clone")
+def test_restores_and_clone_bind(cluster: Cluster, k8s: Any, sidecars: Any) -> None:
+    pvcs = restores_and_clone(k8s, cluster)
     sizes = {n: quantity_bytes(pv_of(k8s, p)["spec"]["capacity"]["storage"]) for n, p in pvcs.items()}
     assert sizes == {"data-restored": GiB, "data-restored-large": 2 * GiB, "data-clone": GiB}
     handles = {pv_of(k8s, p)["spec"]["csi"]["volumeHandle"] for p in pvcs.values()}
     assert len(handles) == 3
 
 
-def test_group_snapshot_with_members_and_restore(cluster: Cluster, k8s: Any) -> None:
+def test_group_snapshot_with_members_and_restore(cluster: Cluster, k8s: Any, sidecars: Any) -> None:
+    group_snapshot_and_restore(k8s, cluster)
+
+
+def group_snapshot_and_restore(k8s: Any, cluster: Cluster) -> None:
     create_example(k8s, "group-snapshot.yaml")
     wait_bound(k8s, cluster, "db-data", "db-log")
 
@@ -556,38 +622,37 @@ def test_group_snapshot_with_members_and_restore(cluster: Cluster, k8s: Any) -> 
     assert sorted(o["metadata"]["name"] for o in restored) == ["db-data-restored", "db-log-restored"]
     for obj in restored:
         obj["metadata"]["annotations"] = {"volume.kubernetes.io/selected-node": NODE}
-        create(k8s, obj)
+        if get(k8s, "v1", "PersistentVolumeClaim", obj["metadata"]["name"], NS) is None:
+            create(k8s, obj)
     wait_bound(k8s, cluster, "db-data-restored", "db-log-restored")
 
 
-def test_expansion_reaches_the_pv(cluster: Cluster, k8s: Any) -> None:
-    r = res(k8s, "v1", "PersistentVolumeClaim")
-    r.patch(name="data", namespace=NS, body={"spec": {"resources": {"requests": {"storage": "2Gi"}}}},
-            content_type="application/merge-patch+json")
-    pv_name = pvc_bound(k8s, "data")["spec"]["volumeName"]
-
-    def grown() -> bool:
-        pv = get(k8s, "v1", "PersistentVolume", pv_name)
-        return quantity_bytes(pv["spec"]["capacity"]["storage"]) == 2 * GiB
-
-    _wait("PV capacity 2Gi after ControllerExpandVolume", grown, why=cluster.logs)
+def test_expansion_reaches_the_pv(cluster: Cluster, k8s: Any, sidecars: Any) -> None:
+    pv_name = grown_pvc(k8s, cluster)
+    assert pvc_bound(k8s, GROW_PVC)["spec"]["volumeName"] == pv_name
 
 
-def test_driver_holds_what_kubernetes_shows(k8s: Any, driver: Driver) -> None:
+def test_driver_holds_what_kubernetes_shows(cluster: Cluster, k8s: Any, driver: Driver, sidecars: Any) -> None:
+    restores_and_clone(k8s, cluster)  # a volume, a snapshot, restores and a clone at least
     vols, snaps = driver.volumes_and_snapshots()
     pv_handles = {pv["spec"]["csi"]["volumeHandle"] for pv in items(k8s, "v1", "PersistentVolume")}
     content_handles = {c["status"]["snapshotHandle"]
                        for c in items(k8s, "snapshot.storage.k8s.io/v1", "VolumeSnapshotContent")}
-    assert vols == pv_handles and len(vols) == 8
-    assert snaps == content_handles and len(snaps) == 3
+    assert vols == pv_handles and len(vols) >= 4
+    assert snaps == content_handles and len(snaps) >= 1
 
 
 def test_deleting_everything_leaves_nothing(cluster: Cluster, k8s: Any, driver: Driver,
                                            sidecars: dict[str, tuple[Proc, int]]) -> None:
+    # everything the other tests make, whatever ran before (each step is idempotent)
+    restores_and_clone(k8s, cluster)
+    group_snapshot_and_restore(k8s, cluster)
+    grown_pvc(k8s, cluster)
     # as a user would: kubectl delete -f on every example (and the restored group), in no particular order
     for name in ("group-snapshot.yaml", "snapshot.yaml", "restore.yaml", "clone.yaml", "pvc-and-pod.yaml"):
-        cluster.kubectl("-n", NS, "delete", "--wait=false", "-f", str(pm.EXAMPLES / name))
+        cluster.kubectl("-n", NS, "delete", "--wait=false", "--ignore-not-found", "-f", str(pm.EXAMPLES / name))
     cluster.kubectl("-n", NS, "delete", "pvc", "-l", "restored-from=db-snapshot", "--wait=false")
+    cluster.kubectl("-n", NS, "delete", "pvc", GROW_PVC, "--wait=false", "--ignore-not-found")
 
     def empty() -> bool:
         left = (items(k8s, "v1", "PersistentVolumeClaim", NS) + items(k8s, "v1", "PersistentVolume")
