@@ -270,15 +270,18 @@ class Cascade(Durability):
         self._dirty_map(m)
         return fresh
 
-    def _unlink(self, v: Vol) -> None:
-        """Take v out of its cascade; its downstream neighbour reads v's upstream from now on."""
-        up, down = v.upstream, v.downstream
+    def _join(self, up: Vol | None, down: Vol | None) -> None:
+        """Make up and down neighbours (whatever lay between them leaves the chain)."""
         if down is not None:
             down.upstream = up
             self._dirty_vol(down)
         if up is not None:
             up.downstream = down
             self._dirty_vol(up)
+
+    def _unlink(self, v: Vol) -> None:
+        """Take v out of its cascade; its downstream neighbour reads v's upstream from now on."""
+        self._join(v.upstream, v.downstream)
         v.upstream = v.downstream = None
         self._dirty_vol(v)
 
@@ -308,13 +311,7 @@ class Cascade(Durability):
             victims.append(e)
             owned |= e.bits.as_int() if e.bits is not None else 0
             e = e.downstream
-        top, bottom = victims[0].upstream, victims[-1].downstream
-        if top is not None:
-            top.downstream = bottom
-            self._dirty_vol(top)
-        if bottom is not None:
-            bottom.upstream = top
-            self._dirty_vol(bottom)
+        self._join(victims[0].upstream, victims[-1].downstream)
         for x in victims:
             x.upstream = x.downstream = None
             x.offline = reason if x is d else f"stopped with {d.id}: {reason}"
