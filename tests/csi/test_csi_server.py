@@ -10,7 +10,6 @@ import socket
 import stat
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -121,7 +120,9 @@ def test_probe_waits_for_the_engine(server_factory) -> None:
     waiting = server_factory("waiter")
     waiting.state = first.state  # same state dir: the engine lock is held by the first server
     waiting.start(wait_ready=False)
-    time.sleep(0.5)  # a negative check: the engine stays locked by the first server all along
+    # the event: the waiter has tried the engine lock and been refused (it retries; Probe says not ready)
+    wait_for(lambda: "state dir busy" in waiting.log(), timeout=30, what="the waiter to find the state dir busy",
+             why=waiting.log)
     assert waiting.identity.Probe(csi_pb2.ProbeRequest()).ready.value is False
     assert rpc_code(waiting.controller.ListVolumes, csi_pb2.ListVolumesRequest()) == C.UNAVAILABLE
     assert waiting.identity.GetPluginInfo(csi_pb2.GetPluginInfoRequest()).name  # identity works meanwhile

@@ -2,7 +2,8 @@
 snapshot-controller, csi-provisioner and csi-snapshotter) and the real driver (`csi-flashcopy serve --engine
 embedded`) behind the sidecars. The CLI runs as a subprocess with KUBECONFIG, as a user runs it.
 
-Its own peer instance (no helm: up.sh starts the sidecars itself); module-scoped, tests run in file order.
+Its own peer instance (no helm: up.sh starts the sidecars itself); module-scoped fixtures make the shared set-up
+(classes, source PVC), and each test makes the clones it needs: the tests pass in any order.
 """
 
 from __future__ import annotations
@@ -18,15 +19,17 @@ import pytest
 from tests.k8s.test_k8s_flow import (
     DRIVER,
     NODE,
+    POLL,
     SKIP,
+    WAIT,
     Cluster,
     Driver,
     GiB,
-    _wait,
     quantity_bytes,
     running_peer,
 )
 from tests.packaging import packaging_manifests as pm
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.skipif(SKIP is not None, reason=SKIP or "")
 
@@ -59,7 +62,7 @@ def driver(peer: Cluster) -> Iterator[Driver]:
         except Exception:
             return False
 
-    _wait("csi-flashcopy Probe ready", ready, timeout=60)
+    wait_for(ready, timeout=60, what="csi-flashcopy Probe ready", interval=POLL, why=d.proc.text)
     try:
         yield d
     finally:
@@ -121,8 +124,8 @@ def source(peer: Cluster, api: Any, driver: Driver) -> str:
     _apply(api, {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "src"},
                  "spec": {"storageClassName": "fc-immediate", "accessModes": ["ReadWriteOnce"],
                           "resources": {"requests": {"storage": "1Gi"}}}})
-    _wait("PVC src Bound", lambda: (_obj(api, "v1", "PersistentVolumeClaim", "src") or {}).get("status", {})
-          .get("phase") == "Bound", why=peer.logs)
+    wait_for(lambda: (_obj(api, "v1", "PersistentVolumeClaim", "src") or {}).get("status", {}).get("phase") == "Bound",
+             timeout=WAIT, what="PVC src Bound", interval=POLL, why=peer.logs)
     return "src"
 
 
@@ -232,9 +235,9 @@ def test_snapshot_timeout_is_an_error_and_cleans_up(peer: Cluster, api: Any, sou
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "timed out after 3s waiting for VolumeSnapshot" in r.stderr and "deleted it" in r.stderr
     assert _obj(api, "v1", "PersistentVolumeClaim", "never") is None
-    _wait("the timed-out snapshot gone", lambda: not [s for s in _list(api, SNAP, "VolumeSnapshot")
-                                                     if s["spec"]["volumeSnapshotClassName"] == "nobody"],
-          timeout=30, why=peer.logs)
+    wait_for(lambda: not [s for s in _list(api, SNAP, "VolumeSnapshot")
+                          if s["spec"]["volumeSnapshotClassName"] == "nobody"],
+             timeout=30, what="the timed-out snapshot gone", interval=POLL, why=peer.logs)
 
 
 def test_delete_removes_clones_then_their_snapshot(peer: Cluster, api: Any, driver: Driver, source: str) -> None:
@@ -265,5 +268,5 @@ def test_delete_removes_clones_then_their_snapshot(peer: Cluster, api: Any, driv
                 and not [c for c in _list(api, SNAP, "VolumeSnapshotContent", None) if c["spec"]["driver"] == DRIVER]
                 and driver.volumes_and_snapshots() == ({src_handle}, set()))
 
-    _wait("only the source volume left in Kubernetes and in the driver", only_source_left, timeout=60,
-          why=lambda: f"{driver.volumes_and_snapshots()}\n{peer.logs()}")
+    wait_for(only_source_left, timeout=60, what="only the source volume left in Kubernetes and in the driver",
+             interval=POLL, why=lambda: f"{driver.volumes_and_snapshots()}\n{peer.logs()}")

@@ -9,7 +9,8 @@ Python client, over the objects in deploy/examples: PVC binds, VolumeSnapshot re
 a clone bind, a VolumeGroupSnapshot over labelled PVCs with its member snapshots, PVC expansion reaching the PV,
 and deleting everything ends in DeleteSnapshot/DeleteVolume with nothing left in the driver.
 
-Module-scoped: one control plane, one driver; the tests run in file order and build on each other.
+Module-scoped: one control plane, one driver (fixtures). Each test makes the objects it needs through idempotent
+steps (data_pvc, data_snapshot, ...), so the tests pass in any order.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import socket
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ TOPOLOGY_KEY = f"topology.{DRIVER}/node"
 CONTROLLER_SIDECARS = ("csi-provisioner", "csi-snapshotter", "csi-resizer")
 GiB = 1 << 30
 WAIT = 90.0  # per condition; the whole flow normally takes well under a minute
+POLL = 0.25  # how often a wait asks the API server
 
 
 def _why_skip() -> str | None:
@@ -69,11 +71,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait(what: str, fn: Callable[[], Any], timeout: float = WAIT, every: float = 0.25,
-          why: Callable[[], str] | None = None) -> Any:
-    return wait_for(fn, timeout=timeout, what=what, interval=every, why=why)
 
 
 @dataclass
@@ -209,12 +206,7 @@ def _kill_leftovers(pids: list[int], state: Path) -> None:
         if str(state).encode() in cmd:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            _wait_dead(pid)
-
-
-def _wait_dead(pid: int, timeout: float = 10.0) -> None:
-    """Until pid has exited (gone, or a zombie whose parent has not reaped it yet)."""
-    wait_process_exit(pid, timeout=timeout)
+            wait_process_exit(pid, timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +270,8 @@ def data_snapshot(k8s: Any, cluster: Cluster) -> dict[str, Any]:
         vs = get(k8s, "snapshot.storage.k8s.io/v1", "VolumeSnapshot", "data-snapshot", NS)
         return vs if vs and vs.get("status", {}).get("readyToUse") else None
 
-    vs: dict[str, Any] = _wait("VolumeSnapshot readyToUse", ready, why=cluster.logs)
+    vs: dict[str, Any] = wait_for(ready, timeout=WAIT, what="VolumeSnapshot readyToUse", interval=POLL,
+                                  why=cluster.logs)
     return vs
 
 
@@ -308,7 +301,7 @@ def grown_pvc(k8s: Any, cluster: Cluster) -> str:
         pv = get(k8s, "v1", "PersistentVolume", pv_name)
         return quantity_bytes(pv["spec"]["capacity"]["storage"]) == 2 * GiB
 
-    _wait("PV capacity 2Gi after ControllerExpandVolume", grown, why=cluster.logs)
+    wait_for(grown, timeout=WAIT, what="PV capacity 2Gi after ControllerExpandVolume", interval=POLL, why=cluster.logs)
     return pv_name
 
 
@@ -320,7 +313,8 @@ def pvc_bound(k8s: Any, name: str) -> dict[str, Any] | None:
 def wait_bound(k8s: Any, cluster: Cluster, *names: str) -> dict[str, dict[str, Any]]:
     pvcs = {}
     for n in names:
-        pvcs[n] = _wait(f"PVC {n} Bound", lambda n=n: pvc_bound(k8s, n), why=lambda n=n: _pvc_why(k8s, cluster, n))
+        pvcs[n] = wait_for(lambda n=n: pvc_bound(k8s, n), timeout=WAIT, what=f"PVC {n} Bound", interval=POLL,
+                           why=lambda n=n: _pvc_why(k8s, cluster, n))
     return pvcs
 
 
@@ -481,7 +475,7 @@ def driver(cluster: Cluster, k8s: Any, installed: Any) -> Iterator[Driver]:
         except Exception:
             return False
 
-    _wait("csi-flashcopy Probe ready", ready, timeout=60)
+    wait_for(ready, timeout=60, what="csi-flashcopy Probe ready", interval=POLL, why=proc.text)
     yield d
     proc.stop()
 
@@ -552,7 +546,7 @@ def test_sidecars_lead_and_are_healthy(cluster: Cluster, k8s: Any, sidecars: dic
             return False
 
     for name, (proc, port) in sidecars.items():
-        _wait(f"{name} healthy", lambda port=port: healthy(port), timeout=60, why=cluster.logs)
+        wait_for(lambda port=port: healthy(port), timeout=60, what=f"{name} healthy", interval=POLL, why=cluster.logs)
         assert proc.popen.poll() is None, proc.text()
     leases = {i["metadata"]["name"]: i for i in items(k8s, "coordination.k8s.io/v1", "Lease", pm.NAMESPACE)}
     holders = [lease for lease in leases if DRIVER.replace(".", "-") in lease]
@@ -598,7 +592,7 @@ def group_snapshot_and_restore(k8s: Any, cluster: Cluster) -> None:
         g = get(k8s, "groupsnapshot.storage.k8s.io/v1", "VolumeGroupSnapshot", "db-snapshot", NS)
         return g if g and g.get("status", {}).get("readyToUse") else None
 
-    _wait("VolumeGroupSnapshot readyToUse", ready, why=cluster.logs)
+    wait_for(ready, timeout=WAIT, what="VolumeGroupSnapshot readyToUse", interval=POLL, why=cluster.logs)
 
     def members() -> list[dict[str, Any]]:
         ms = [s for s in items(k8s, "snapshot.storage.k8s.io/v1", "VolumeSnapshot", NS)
@@ -606,7 +600,7 @@ def group_snapshot_and_restore(k8s: Any, cluster: Cluster) -> None:
               and s["status"].get("readyToUse")]
         return ms if len(ms) == 2 else []
 
-    ms = _wait("both member VolumeSnapshots ready", members, why=cluster.logs)
+    ms = wait_for(members, timeout=WAIT, what="both member VolumeSnapshots ready", interval=POLL, why=cluster.logs)
     assert sorted(m["spec"]["source"]["persistentVolumeClaimName"] for m in ms) == ["db-data", "db-log"]
     # the members were taken at one instant: one group handle on both contents
     contents = [get(k8s, "snapshot.storage.k8s.io/v1", "VolumeSnapshotContent",
@@ -672,9 +666,9 @@ def test_deleting_everything_leaves_nothing(cluster: Cluster, k8s: Any, driver: 
                       for i in items(k8s, api, kind, ns)]
         return "\n".join(names) + "\n" + cluster.logs()
 
-    _wait("every PVC, PV, snapshot and group snapshot gone", empty, timeout=150, every=0.5, why=leftovers)
-    _wait("driver empty", lambda: driver.volumes_and_snapshots() == (set(), set()), timeout=30,
-          why=lambda: str(driver.volumes_and_snapshots()))
+    wait_for(empty, timeout=150, what="every PVC, PV, snapshot and group snapshot gone", interval=0.5, why=leftovers)
+    wait_for(lambda: driver.volumes_and_snapshots() == (set(), set()), timeout=30, what="driver empty", interval=POLL,
+             why=lambda: str(driver.volumes_and_snapshots()))
     log = driver.proc.text()
     for rpc in ("CreateVolume", "DeleteVolume", "CreateSnapshot", "DeleteSnapshot", "CreateVolumeGroupSnapshot",
                 "DeleteVolumeGroupSnapshot", "ControllerExpandVolume"):
