@@ -97,12 +97,13 @@ class FuseExport:
     """One FUSE mount serving a flat directory of volume files.
 
     Thread-safe. `start()` mounts (removing a dead mount left by a crashed predecessor first), `stop()`
-    unmounts; files are added and removed while mounted.
+    unmounts; files are added and removed while mounted. `runner` runs the umount commands (None: the real one).
     """
 
-    def __init__(self, mount_point: str, *, fsname: str = "flashcopy"):
+    def __init__(self, mount_point: str, *, fsname: str = "flashcopy", runner: privileged.Runner | None = None):
         self.mount_point = os.path.abspath(mount_point)
         self.fsname = fsname
+        self.runner = runner
         self._entries: dict[str, _Entry] = {}
         self._handles: dict[int, _Entry] = {}
         self._fh = itertools.count(1)
@@ -114,7 +115,8 @@ class FuseExport:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self, timeout: float = 10.0) -> None:
-        clear_stale_mount(self.mount_point)  # first: a dead mount makes the directory unusable (ENOTCONN)
+        # first: a dead mount makes the directory unusable (ENOTCONN)
+        clear_stale_mount(self.mount_point, runner=self.runner)
         os.makedirs(self.mount_point, exist_ok=True)
         self._thread = threading.Thread(target=self._serve, name=f"fuse:{self.mount_point}", daemon=True)
         self._thread.start()
@@ -151,9 +153,9 @@ class FuseExport:
         if self._thread is None:
             return
         try:
-            privileged.umount(self.mount_point)
-        except privileged.CommandError:
-            privileged.umount(self.mount_point, lazy=True)
+            privileged.umount(self.mount_point, runner=self.runner)
+        except privileged.CommandError:  # DeviceBusy among them: a straggler holds a file
+            privileged.umount(self.mount_point, lazy=True, runner=self.runner)
         self._thread.join(timeout)
         self._thread = None
         self._mounted.clear()
@@ -213,7 +215,7 @@ class FuseExport:
         raise OSError(errno.ENOENT, "no such export")
 
 
-def clear_stale_mount(mount_point: str) -> None:
+def clear_stale_mount(mount_point: str, *, runner: privileged.Runner | None = None) -> None:
     """Lazily unmount a FUSE mount left at mount_point by a dead engine process (its files give ENOTCONN).
 
     Loop devices still attached to its files keep the dead connection alive until they are detached;
@@ -222,7 +224,7 @@ def clear_stale_mount(mount_point: str) -> None:
     for m in reversed(privileged.mounts_at(mount_point)):
         if m.fstype.startswith("fuse"):
             log.warning("removing stale FUSE mount at %s (%s)", mount_point, m.source)
-            privileged.umount(mount_point, lazy=True)
+            privileged.umount(mount_point, lazy=True, runner=runner)
 
 
 class _Ops:

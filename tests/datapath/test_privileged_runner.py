@@ -1,86 +1,29 @@
-"""The one command runner and the verbs over it, without root: the real runner on harmless commands (timeouts
-kill the whole process group, ok codes, typed errors), the verbs with a fake runner (argv, timeouts, ok codes,
-busy classification), mountinfo parsing with its escapes, and the status code of every error class."""
+"""The one command runner (privileged/runner.py) on real subprocesses, without root: no shell, LC_ALL=C, stdin
+input, ok codes, typed errors with stderr, and a timeout that kills the command with everything it forked."""
 
 from __future__ import annotations
 
+import importlib
 import os
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import grpc
 import pytest
 
 from csi_driver.datapath import privileged
-from csi_driver.datapath.privileged import fs, loop
+from csi_driver.datapath.privileged import runner as runner_mod
+from csi_driver.engine import errors
 from csi_driver.status import status_for
-from tests.waiting import wait_for
+from tests.waiting import wait_for, wait_process_exit
 
 
-class FakeRunner:
-    """Records every call; answers from a table of argv[0] -> (returncode, stdout, stderr)."""
-
-    def __init__(self, answers: dict[str, tuple[int, str, str]] | None = None) -> None:
-        self.answers = answers or {}
-        self.calls: list[tuple[list[str], float, tuple[int, ...]]] = []
-
-    def __call__(self, argv: Sequence[str], *, timeout: float = privileged.DEFAULT_TIMEOUT,
-                 ok_codes: Sequence[int] = (0,), input: bytes | None = None) -> subprocess.CompletedProcess[str]:
-        self.calls.append((list(argv), timeout, tuple(ok_codes)))
-        code, out, err = self.answers.get(argv[0], (0, "", ""))
-        if code not in ok_codes:
-            raise privileged.runner.classify(argv, code, out, err)
-        return subprocess.CompletedProcess(list(argv), code, out, err)
-
-
-# ---------------------------------------------------------------------------------------------- real runner
-
-
-def test_runner_ok_codes_and_output() -> None:
-    res = privileged.run([sys.executable, "-c", "import sys, os; print(os.environ['LC_ALL']); sys.exit(3)"],
-                         ok_codes=(0, 3))
-    assert res.returncode == 3 and res.stdout.strip() == "C"
-
-
-def test_runner_failure_carries_stderr() -> None:
-    with pytest.raises(privileged.CommandError) as ei:
-        privileged.run([sys.executable, "-c", "import sys; sys.stderr.write('it broke'); sys.exit(4)"])
-    e = ei.value
-    assert type(e) is privileged.CommandError and e.returncode == 4 and "it broke" in str(e)
-    assert status_for(e).code == grpc.StatusCode.INTERNAL
-
-
-def test_runner_missing_executable() -> None:
-    with pytest.raises(privileged.CommandNotFound) as ei:
-        privileged.run(["/nonexistent/tool-that-is-not-there", "x"])
-    assert status_for(ei.value).code == grpc.StatusCode.FAILED_PRECONDITION
-
-
-def test_runner_timeout_kills_the_command_and_what_it_forked(tmp_path: Path) -> None:
-    pids = tmp_path / "pids"
-    # the child forks a grandchild that would outlive it; both record their pids, then sleep
-    script = (
-        "import os, sys, time\n"
-        f"p = {str(pids)!r}\n"
-        "if os.fork() == 0:\n"
-        "    open(p + '.grandchild', 'w').write(str(os.getpid())); time.sleep(60); os._exit(0)\n"
-        "open(p + '.child', 'w').write(str(os.getpid())); time.sleep(60)\n"
-    )
-    t0 = time.monotonic()
-    with pytest.raises(privileged.CommandTimeout) as ei:
-        privileged.run([sys.executable, "-c", script], timeout=1.0)
-    assert time.monotonic() - t0 < 30
-    assert status_for(ei.value).code == grpc.StatusCode.DEADLINE_EXCEEDED
-    for who in ("child", "grandchild"):
-        pid = int(wait_for(lambda w=who: Path(f"{pids}.{w}").exists() and Path(f"{pids}.{w}").read_text(),
-                           timeout=10, what=f"the {who}'s pid"))
-        wait_for(lambda p=pid: not _alive(p), timeout=10, what=f"the {who} ({pid}) to be killed")
-
-
-def _alive(pid: int) -> bool:  # noqa: D103
+def _alive(pid: int) -> bool:
+    """Running (a zombie no longer runs)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
@@ -88,92 +31,118 @@ def _alive(pid: int) -> bool:  # noqa: D103
         return False
 
 
-# ---------------------------------------------------------------------------------------------- verbs, fake runner
+def test_ok_codes_are_accepted_and_others_raise() -> None:
+    argv = [sys.executable, "-c", "import sys; print('out'); sys.exit(3)"]
+    res = privileged.run(argv, ok_codes=(0, 3))
+    assert (res.returncode, res.stdout, res.args) == (3, "out\n", argv)
+    with pytest.raises(privileged.CommandError) as ei:
+        privileged.run(argv)  # default ok_codes: (0,)
+    assert type(ei.value) is privileged.CommandError
+    assert ei.value.returncode == 3 and ei.value.stdout == "out\n" and ei.value.argv == argv
 
 
-def test_busy_is_classified_from_the_tool_report() -> None:
-    fake = FakeRunner({"losetup": (1, "", "losetup: /dev/loop7: detach failed: Device or resource busy\n")})
-    with pytest.raises(privileged.DeviceBusy) as ei:
-        privileged.run(["losetup", "-d", "/dev/loop7"], runner=fake)
+def test_failure_carries_stderr_and_is_internal() -> None:
+    with pytest.raises(privileged.CommandError) as ei:
+        privileged.run([sys.executable, "-c", "import sys; sys.stderr.write('it broke: disk on fire'); sys.exit(4)"])
+    e = ei.value
+    assert type(e) is privileged.CommandError and e.returncode == 4
+    assert e.stderr == "it broke: disk on fire" and "it broke: disk on fire" in str(e) and "exit code 4" in str(e)
+    assert status_for(e).code == grpc.StatusCode.INTERNAL
+
+
+def test_no_shell_and_c_locale() -> None:
+    # a shell would expand $HOME and run the second command; the runner passes argv through untouched
+    res = privileged.run(["printf", "%s", "$HOME; echo injected"])
+    assert res.stdout == "$HOME; echo injected"
+    env = privileged.run([sys.executable, "-c", "import os; print(os.environ['LC_ALL'], os.environ['LANG'])"])
+    assert env.stdout.split() == ["C", "C"]
+
+
+def test_stdin_input_and_no_stdin_by_default() -> None:
+    assert privileged.run(["cat"], input=b"hello\0world").stdout == "hello\0world"
+    # without input, stdin is /dev/null: cat ends at once instead of waiting on the caller's terminal
+    assert privileged.run(["cat"], timeout=10).stdout == ""
+
+
+def test_own_process_group() -> None:
+    res = privileged.run([sys.executable, "-c", "import os; print(os.getpgid(0), os.getsid(0), os.getpid())"])
+    pgid, sid, pid = map(int, res.stdout.split())
+    assert pgid == pid == sid and pgid != os.getpgid(0)
+
+
+def test_missing_executable_is_command_not_found() -> None:
+    with pytest.raises(privileged.CommandNotFound) as ei:
+        privileged.run(["/nonexistent/tool-that-is-not-there", "x"])
+    assert isinstance(ei.value, privileged.CommandError) and ei.value.returncode is None
+    assert "not installed" in str(ei.value)
     assert status_for(ei.value).code == grpc.StatusCode.FAILED_PRECONDITION
-    fake = FakeRunner({"umount": (32, "", "umount: /mnt/x: target is busy.\n")})
-    with pytest.raises(privileged.DeviceBusy):
-        privileged.run(["umount", "/mnt/x"], runner=fake)
-    fake = FakeRunner({"umount": (32, "", "umount: /mnt/x: not mounted.\n")})
-    with pytest.raises(privileged.CommandError) as e2:
-        privileged.run(["umount", "/mnt/x"], runner=fake)
-    assert type(e2.value) is privileged.CommandError
 
 
-def test_verbs_use_the_injected_runner_with_their_timeouts() -> None:
-    fake = FakeRunner({"losetup": (0, "/dev/loop9\n", "")})
-    assert loop.attach_loop("/nonexistent/file", reuse=False, runner=fake) == "/dev/loop9"
-    (argv, timeout, _ok), = fake.calls
-    assert argv == ["losetup", "--find", "--show", "--direct-io=on", "/nonexistent/file"]
-    assert timeout == privileged.LOSETUP_TIMEOUT
-
-    fake = FakeRunner({"blkid": (2, "", "")})  # blkid: exit 2 = nothing on the device
-    assert fs.probe("/dev/loop9", runner=fake) == {}
-    fs.mkfs("/dev/loop9", "ext4", prezeroed=True, runner=fake)
-    assert [c[0][0] for c in fake.calls] == ["blkid", "blkid", "mkfs.ext4"]
-    assert fake.calls[0][2] == (0, fs.BLKID_NOTHING_FOUND)
-    assert fake.calls[2][0] == ["mkfs.ext4", "-q", "-F", "-E", "nodiscard,assume_storage_prezeroed=1", "/dev/loop9"]
-    assert fake.calls[2][1] == privileged.MKFS_TIMEOUT
-
-    fake = FakeRunner({"blkid": (0, "TYPE=xfs\nUUID=1\n", "")})
-    with pytest.raises(privileged.HasFilesystem) as ei:
-        fs.mkfs("/dev/loop9", "ext4", runner=fake)
-    assert status_for(ei.value).code == grpc.StatusCode.FAILED_PRECONDITION
-    assert [c[0][0] for c in fake.calls] == ["blkid"]  # never formats over content
-
-    fake = FakeRunner()
-    fs.grow_ext4_offline("/dev/loop9", runner=fake)
-    assert [c[0][0] for c in fake.calls] == ["e2fsck", "resize2fs"] and fake.calls[0][2] == fs.E2FSCK_OK
+def test_timeout_kills_the_command_and_what_it_forked() -> None:
+    # sh forks a background sleep (a grandchild of ours), and a subshell that forks another and exits at once (an
+    # orphaned great-grandchild, reparented away from sh): all in the command's process group. They print their
+    # pids; the runner keeps what was written before the kill.
+    script = "sleep 60 & echo $!; (sleep 60 & echo $!); echo $$; sleep 60"
+    t0 = time.monotonic()
+    with pytest.raises(privileged.CommandTimeout) as ei:
+        privileged.run(["sh", "-c", script], timeout=2.0)
+    elapsed = time.monotonic() - t0
+    e = ei.value
+    assert elapsed < 2.0 + runner_mod.KILL_DRAIN_SECONDS, elapsed  # did not wait for the sleeps
+    assert isinstance(e, errors.Timeout) and isinstance(e, privileged.CommandError)
+    assert "timed out after 2.0s" in str(e) and e.returncode is None
+    assert status_for(e).code == grpc.StatusCode.DEADLINE_EXCEEDED
+    pids = [int(p) for p in e.stdout.split()]
+    assert len(pids) == 3, e.stdout
+    for pid in pids:
+        wait_process_exit(pid, timeout=10, what=f"process {pid} of the timed-out command to be killed")
+        assert not _alive(pid)
 
 
-def test_umount_of_nothing_runs_nothing(tmp_path: Path) -> None:
-    fake = FakeRunner()
-    assert privileged.umount(str(tmp_path / "not-mounted"), runner=fake) is False
-    assert fake.calls == []
+def test_timeout_is_bounded_when_a_helper_escaped_the_group(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # a helper in a new session is out of reach of the group kill and holds stdout open: the runner must not
+    # wait for it past KILL_DRAIN_SECONDS
+    monkeypatch.setattr(runner_mod, "KILL_DRAIN_SECONDS", 0.5)
+    pidfile = tmp_path / "escaped.pid"
+    script = f"setsid sh -c 'echo $$ > {pidfile}; exec sleep 30' & sleep 30"
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(privileged.CommandTimeout):
+            privileged.run(["sh", "-c", script], timeout=1.0)
+        assert time.monotonic() - t0 < 10
+    finally:
+        pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), timeout=10,
+                           what="the escaped helper's pid"))
+        os.kill(pid, signal.SIGKILL)  # ours: started by this test
+        wait_process_exit(pid, timeout=10)
 
 
-# ---------------------------------------------------------------------------------------------- mountinfo
+class _Recorder:
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
 
-MOUNTINFO = (
-    "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw,errors=remount-ro\n"
-    "97 22 7:3 / /var/lib/k\\040with\\040space rw,nosuid - ext4 /dev/loop3 rw\n"
-    "98 22 0:50 / /mnt/tab\\011and\\012newline ro master:7 - fuse.flashcopy flashcopy rw,user_id=0\n"
-    "99 22 0:51 /sub\\134dir /mnt/back\\134slash rw - tmpfs tmp\\040fs rw,size=1024k\n"
-)
-
-
-def test_mountinfo_parsing_unescapes_fields() -> None:
-    m = privileged.parse_mountinfo(MOUNTINFO)
-    assert [x.mount_point for x in m] == ["/", "/var/lib/k with space", "/mnt/tab\tand\nnewline", "/mnt/back\\slash"]
-    assert m[1].source == "/dev/loop3" and m[1].major_minor == "7:3" and m[1].options == {"rw", "nosuid"}
-    assert m[2].read_only and m[2].fstype == "fuse.flashcopy" and "user_id=0" in m[2].super_options
-    assert m[3].root == "/sub\\dir" and m[3].source == "tmp fs"
-    assert (m[0].mount_id, m[0].parent_id) == (22, 1)
+    def __call__(self, argv: Sequence[str], *, timeout: float = privileged.DEFAULT_TIMEOUT,
+                 ok_codes: Collection[int] = (0,), input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+        self.calls.append(list(argv))
+        return runner_mod.check(argv, 0, "", "", ok_codes)
 
 
-def test_live_mount_table_parses() -> None:
-    assert any(m.mount_point == "/" for m in privileged.mounts())
-    assert privileged.is_mountpoint("/") and not privileged.is_mountpoint(str(Path(os.sep, "nonexistent-x")))
+def test_run_uses_the_injected_runner_or_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _Recorder()
+    privileged.run(["/nonexistent/would-fail"], runner=fake)  # never executed
+    assert fake.calls == [["/nonexistent/would-fail"]]
+    # runner=None means the module's default, looked up at call time
+    default = _Recorder()
+    monkeypatch.setattr(runner_mod, "DEFAULT_RUNNER", default)
+    privileged.run(["/nonexistent/also"])
+    assert default.calls == [["/nonexistent/also"]]
+    assert isinstance(privileged.RUN, privileged.SubprocessRunner)
+    assert importlib.import_module("csi_driver.datapath.privileged.runner") is runner_mod
 
 
-# ---------------------------------------------------------------------------------------------- error classes
-
-
-@pytest.mark.parametrize("exc, code", [
-    (privileged.CommandError(["x"], 1, "", ""), grpc.StatusCode.INTERNAL),
-    (privileged.CommandTimeout(["x"], None, "", "", "timed out"), grpc.StatusCode.DEADLINE_EXCEEDED),
-    (privileged.CommandNotFound(["x"], None, "", "", "not installed"), grpc.StatusCode.FAILED_PRECONDITION),
-    (privileged.DeviceBusy(["x"], 1, "", "busy"), grpc.StatusCode.FAILED_PRECONDITION),
-    (privileged.HasFilesystem("/dev/loop1 already holds ext4"), grpc.StatusCode.FAILED_PRECONDITION),
-    (privileged.MountError("not there"), grpc.StatusCode.INTERNAL),
-    (privileged.FreezeTimeout("overran"), grpc.StatusCode.DEADLINE_EXCEEDED),
-])
-def test_every_privileged_error_has_its_status(exc: Exception, code: grpc.StatusCode) -> None:
-    assert status_for(exc).code == code
-    if isinstance(exc, privileged.CommandError):
-        assert isinstance(exc, privileged.CommandError)  # callers catching CommandError still catch it
+def test_check_turns_an_exit_status_into_the_runner_errors() -> None:
+    assert runner_mod.check(["x"], 2, "o", "e", (0, 2)).returncode == 2
+    with pytest.raises(privileged.CommandError) as ei:
+        runner_mod.check(["x", "y"], 5, "o", "bad thing")
+    assert type(ei.value) is privileged.CommandError and ei.value.argv == ["x", "y"] and "bad thing" in str(ei.value)

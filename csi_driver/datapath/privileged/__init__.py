@@ -1,12 +1,19 @@
 """The one place where host commands and privileged kernel calls run.
 
 Every verb is narrow (attach a loop device, mount, freeze...) and runs its commands through one injectable
-Runner (runner.py: no shell, LC_ALL=C, own process group killed at the verb's timeout, stderr in the error).
-Verbs check the live system (/proc/self/mountinfo, losetup -j, sysfs) before and after acting, so they are
-idempotent and an ambiguous failure is re-checked instead of guessed. Errors (errors.py) are engine errors with
-their gRPC status: a timeout is DEADLINE_EXCEEDED, a busy device FAILED_PRECONDITION.
+Runner (runner.py: no shell, LC_ALL=C, own process group killed at the verb's timeout, stdin input, stderr in the
+error); each verb takes `runner=` (None: the real one) and has its timeout as a named constant. Verbs check the
+live system (/proc/self/mountinfo, losetup -j, sysfs) before and after acting, so they are idempotent and an
+ambiguous failure is re-checked instead of guessed. Errors (errors.py) are engine errors with their gRPC status:
+a timeout is DEADLINE_EXCEEDED, a busy device, a missing tool or a device that already holds a filesystem
+FAILED_PRECONDITION, anything else INTERNAL.
+
+Modules: runner (Runner, SubprocessRunner, run), mount (mount table, mount, umount), loop (loop devices),
+fs (probe, mkfs, resize), freeze (FIFREEZE/FITHAW, frozen()), errors. The functions `mount` and `freeze` shadow
+their modules as attributes of this package: reach the modules with importlib.import_module (sys.modules).
 """
 
+from csi_driver.datapath.privileged import errors, fs, loop, runner
 from csi_driver.datapath.privileged.errors import (
     CommandError,
     CommandNotFound,
@@ -51,14 +58,25 @@ from csi_driver.datapath.privileged.mount import (
     parse_mountinfo,
     umount,
 )
-from csi_driver.datapath.privileged.runner import DEFAULT_TIMEOUT, RUN, Runner, SubprocessRunner, run
+from csi_driver.datapath.privileged.runner import DEFAULT_RUNNER, DEFAULT_TIMEOUT, RUN, Runner, SubprocessRunner, run
 
 __all__ = [
-    "DEFAULT_TIMEOUT", "FREEZE_MAX_SECONDS", "LOSETUP_TIMEOUT", "MKFS_TIMEOUT", "MOUNT_TIMEOUT", "PROBE_TIMEOUT",
-    "RESIZE_TIMEOUT", "RUN", "SUPPORTED_FS", "UMOUNT_TIMEOUT",
+    # modules
+    "errors", "fs", "loop", "runner",
+    # runner
+    "DEFAULT_RUNNER", "DEFAULT_TIMEOUT", "RUN", "Runner", "SubprocessRunner", "run",
+    # errors
     "CommandError", "CommandNotFound", "CommandTimeout", "DeviceBusy", "FreezeTimeout", "HasFilesystem",
-    "LoopInfo", "MountError", "MountInfo", "Runner", "SubprocessRunner",
-    "attach_loop", "block_size_bytes", "can_resize_ext4_online", "detach_loop", "ext4_size", "filesystem_type",
-    "freeze", "frozen", "grow_ext4_offline", "is_mountpoint", "list_loops", "loops_for", "mkfs", "mount", "mounts",
-    "mounts_at", "parse_mountinfo", "probe", "refresh_loop_capacity", "resize_filesystem", "run", "thaw", "umount",
+    "MountError",
+    # mount table and mounts
+    "MOUNT_TIMEOUT", "UMOUNT_TIMEOUT", "MountInfo", "is_mountpoint", "mount", "mounts",
+    "mounts_at", "parse_mountinfo", "umount",
+    # loop devices
+    "LOSETUP_TIMEOUT", "LoopInfo", "attach_loop", "block_size_bytes", "detach_loop", "list_loops", "loops_for",
+    "refresh_loop_capacity",
+    # filesystems
+    "MKFS_TIMEOUT", "PROBE_TIMEOUT", "RESIZE_TIMEOUT", "SUPPORTED_FS", "can_resize_ext4_online", "ext4_size",
+    "filesystem_type", "grow_ext4_offline", "mkfs", "probe", "resize_filesystem",
+    # freeze
+    "FREEZE_MAX_SECONDS", "freeze", "frozen", "thaw",
 ]

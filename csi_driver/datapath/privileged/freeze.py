@@ -11,7 +11,7 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 
-from csi_driver.datapath.privileged.errors import FreezeTimeout
+from csi_driver.datapath.privileged.errors import DeviceBusy, FreezeTimeout
 
 log = logging.getLogger("csi_driver.datapath.privileged")
 
@@ -22,10 +22,19 @@ _FITHAW = 0xC0045878
 
 
 def freeze(mount_point: str) -> None:
-    """FIFREEZE: flush the filesystem and block new writes until thaw."""
+    """FIFREEZE: flush the filesystem and block new writes until thaw.
+
+    DeviceBusy (FAILED_PRECONDITION) if it is frozen already (EBUSY: someone else holds a freeze); other
+    failures (EOPNOTSUPP for a filesystem without freeze support, EPERM) stay the OSError the ioctl raised.
+    """
     fd = os.open(mount_point, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.ioctl(fd, _FIFREEZE, 0)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise DeviceBusy(["ioctl", "FIFREEZE", mount_point], None, "", e.strerror or "",
+                             "already frozen") from e
+        raise
     finally:
         os.close(fd)
 
@@ -75,7 +84,15 @@ def frozen(mount_points: Sequence[str], *, max_seconds: float = FREEZE_MAX_SECON
                     raise FreezeTimeout(f"freeze did not complete within {max_seconds}s")
                 # record before the call so a freeze that completes is always thawed
                 done.append(mp)
-            freeze(mp)
+            try:
+                freeze(mp)
+            except (OSError, DeviceBusy):
+                # the open or the ioctl failed, so this filesystem is not frozen by us (with EBUSY it is someone
+                # else's freeze): do not thaw it. Anything else (an interrupt) may come after a freeze: thaw.
+                with lock:
+                    if not released.is_set():
+                        done.remove(mp)
+                raise
         yield
         if released.is_set():
             raise FreezeTimeout(f"freeze window exceeded {max_seconds}s; filesystems were thawed early")

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from csi_driver.datapath.privileged.errors import HasFilesystem
-from csi_driver.datapath.privileged.runner import Runner, run
+from collections.abc import Sequence
 
-PROBE_TIMEOUT = 60.0
+from csi_driver.datapath.privileged.errors import CommandError, DeviceBusy, HasFilesystem, reports_ebusy
+from csi_driver.datapath.privileged.runner import Result, Runner, run
+
+PROBE_TIMEOUT = 60.0  # blkid -p, dumpe2fs -h: read a few superblocks
 MKFS_TIMEOUT = 600.0  # a large xfs, or ext4 without a prezeroed device
-RESIZE_TIMEOUT = 600.0
+RESIZE_TIMEOUT = 600.0  # e2fsck -f + resize2fs, xfs_growfs
+#: blkid(8) -p: exit 2 = nothing found on the device; 8 = ambivalent (more than one signature)
 BLKID_NOTHING_FOUND = 2
+BLKID_AMBIVALENT = 8
 #: e2fsck(8) -p: 0 = clean, 1 = errors corrected (a crash-consistent copy's journal replayed)
 E2FSCK_OK = (0, 1)
 CAP_SYS_RESOURCE = 24  # capabilities(7)
@@ -17,11 +21,26 @@ CAP_SYS_RESOURCE = 24  # capabilities(7)
 SUPPORTED_FS = ("ext4", "xfs")
 
 
+def _run_fs_tool(argv: Sequence[str], *, timeout: float, ok_codes: Sequence[int] = (0,),
+                 runner: Runner | None = None) -> Result[str]:
+    """Run a filesystem tool, raising DeviceBusy when it could not open the device because it is in use.
+
+    mkfs.*, e2fsck, resize2fs and xfs_growfs have no exit status of their own for that (e2fsck's 8 is any
+    "operational error", the others exit 1), so this is the stderr fallback: strerror(EBUSY) in the message.
+    """
+    try:
+        return run(argv, timeout=timeout, ok_codes=ok_codes, runner=runner)
+    except CommandError as e:
+        if type(e) is CommandError and reports_ebusy(e):
+            raise e.as_(DeviceBusy) from e
+        raise
+
+
 def probe(device: str, *, runner: Runner | None = None) -> dict[str, str]:
     """Low-level probe (blkid -p, bypassing the cache): {} for a device with no recognisable content."""
     # blkid(8): exit 2 = nothing found on the device
-    res = run(["blkid", "-p", "-o", "export", device], ok_codes=(0, BLKID_NOTHING_FOUND), timeout=PROBE_TIMEOUT,
-              runner=runner)
+    res = _run_fs_tool(["blkid", "-p", "-o", "export", device], ok_codes=(0, BLKID_NOTHING_FOUND),
+                       timeout=PROBE_TIMEOUT, runner=runner)
     info = {}
     for line in res.stdout.splitlines():
         k, sep, v = line.partition("=")
@@ -43,20 +62,25 @@ def mkfs(device: str, fstype: str = "ext4", *, prezeroed: bool = False, timeout:
     """
     if fstype not in SUPPORTED_FS:
         raise ValueError(f"unsupported filesystem type {fstype!r} (supported: {', '.join(SUPPORTED_FS)})")
-    found = probe(device, runner=runner)
+    try:
+        found = probe(device, runner=runner)
+    except CommandError as e:
+        if e.returncode == BLKID_AMBIVALENT:  # several signatures: certainly not an empty device
+            raise HasFilesystem(f"{device} holds more than one signature; not formatting") from e
+        raise
     if found.get("TYPE") or found.get("PTTYPE"):
         what = found.get("TYPE") or found.get("PTTYPE")
         raise HasFilesystem(f"{device} already holds {what}; not formatting")
     if fstype == "ext4":
         ext = "nodiscard,assume_storage_prezeroed=1" if prezeroed else "nodiscard"
-        run(["mkfs.ext4", "-q", "-F", "-E", ext, device], timeout=timeout, runner=runner)
+        _run_fs_tool(["mkfs.ext4", "-q", "-F", "-E", ext, device], timeout=timeout, runner=runner)
     else:
-        run(["mkfs.xfs", "-q", "-K", device], timeout=timeout, runner=runner)
+        _run_fs_tool(["mkfs.xfs", "-q", "-K", device], timeout=timeout, runner=runner)
 
 
 def ext4_size(device: str, *, runner: Runner | None = None) -> int:
     """Bytes an ext4 filesystem spans (from its superblock)."""
-    out = run(["dumpe2fs", "-h", device], timeout=PROBE_TIMEOUT, runner=runner).stdout
+    out = _run_fs_tool(["dumpe2fs", "-h", device], timeout=PROBE_TIMEOUT, runner=runner).stdout
     fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
     return int(fields["Block count"].strip()) * int(fields["Block size"].strip())
 
@@ -64,8 +88,8 @@ def ext4_size(device: str, *, runner: Runner | None = None) -> int:
 def grow_ext4_offline(device: str, timeout: float = RESIZE_TIMEOUT, *, runner: Runner | None = None) -> None:
     """Grow an unmounted ext4 to its device: e2fsck (replays the journal of a crash-consistent copy) then
     resize2fs. Offline growth needs no CAP_SYS_RESOURCE, which online ext4 resizing does."""
-    run(["e2fsck", "-f", "-p", device], timeout=timeout, ok_codes=E2FSCK_OK, runner=runner)
-    run(["resize2fs", device], timeout=timeout, runner=runner)
+    _run_fs_tool(["e2fsck", "-f", "-p", device], timeout=timeout, ok_codes=E2FSCK_OK, runner=runner)
+    _run_fs_tool(["resize2fs", device], timeout=timeout, runner=runner)
 
 
 def can_resize_ext4_online() -> bool:
@@ -81,8 +105,8 @@ def resize_filesystem(device: str, mount_point: str, fstype: str, timeout: float
                       runner: Runner | None = None) -> None:
     """Grow a mounted filesystem to fill its device (online)."""
     if fstype == "ext4":
-        run(["resize2fs", device], timeout=timeout, runner=runner)
+        _run_fs_tool(["resize2fs", device], timeout=timeout, runner=runner)
     elif fstype == "xfs":
-        run(["xfs_growfs", mount_point], timeout=timeout, runner=runner)
+        _run_fs_tool(["xfs_growfs", mount_point], timeout=timeout, runner=runner)
     else:
         raise ValueError(f"cannot resize filesystem type {fstype!r}")

@@ -6,11 +6,16 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Sequence
 
-from csi_driver.datapath.privileged.errors import CommandError
-from csi_driver.datapath.privileged.runner import Runner, run
+from csi_driver.datapath.privileged.errors import CommandError, DeviceBusy, reports_ebusy
+from csi_driver.datapath.privileged.runner import Result, Runner, run
 
 LOSETUP_TIMEOUT = 60.0
+#: sysfs block directory (a module global, so tests can point it at a fake tree)
+SYS_BLOCK = "/sys/block"
+#: losetup(8) -j: exit 1 = no loop device uses the file
+LOSETUP_NONE_FOUND = 1
 DEVICE_NODE_WAIT = 1.0  # without udev (containers) the device node losetup made may appear a moment later
 DETACH_RETRY_SECONDS = 5.0  # the kernel may hold a just-released device briefly
 AUTOCLEAR_WAIT = 1.0  # losetup -d on a busy device only sets autoclear: the backing file goes on release
@@ -27,7 +32,7 @@ class LoopInfo:
 def list_loops() -> list[LoopInfo]:
     """All attached loop devices, read from sysfs (no command, so cheap enough for leak checks)."""
     out = []
-    base = "/sys/block"
+    base = SYS_BLOCK
     for name in sorted(os.listdir(base)):
         if not name.startswith("loop"):
             continue
@@ -50,11 +55,29 @@ def _read_sys(path: str) -> str:
         return ""
 
 
+def _losetup(argv: Sequence[str], *, timeout: float = LOSETUP_TIMEOUT, ok_codes: Sequence[int] = (0,),
+             runner: Runner | None = None) -> Result[str]:
+    """Run losetup, raising DeviceBusy when the kernel said EBUSY.
+
+    losetup(8) exits 1 for every failure, so the errno is only in its message: the stderr fallback
+    (errors.reports_ebusy, strerror(EBUSY) under LC_ALL=C).
+    """
+    try:
+        return run(argv, timeout=timeout, ok_codes=ok_codes, runner=runner)
+    except CommandError as e:
+        if type(e) is CommandError and reports_ebusy(e):
+            raise e.as_(DeviceBusy) from e
+        raise
+
+
+def _attached(name: str) -> bool:
+    return os.path.exists(f"{SYS_BLOCK}/{name}/loop/backing_file")
+
+
 def loops_for(path: str, *, runner: Runner | None = None) -> list[str]:
     """Loop devices whose backing file is path (losetup -j)."""
-    # exit 1: no loop device uses path
-    res = run(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE", "-j", path], ok_codes=(0, 1),
-              timeout=LOSETUP_TIMEOUT, runner=runner)
+    res = _losetup(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE", "-j", path],
+                   ok_codes=(0, LOSETUP_NONE_FOUND), runner=runner)
     if not res.stdout.strip():
         return []
     return [d["name"] for d in json.loads(res.stdout).get("loopdevices", [])]
@@ -76,7 +99,7 @@ def attach_loop(path: str, *, read_only: bool = False, direct_io: bool = True, r
     if read_only:
         argv.append("--read-only")
     argv.append(path)
-    dev = run(argv, timeout=LOSETUP_TIMEOUT, runner=runner).stdout.strip()
+    dev = _losetup(argv, runner=runner).stdout.strip()
     if not dev.startswith("/dev/loop"):
         raise CommandError(argv, 0, dev, "", "unexpected output")
     # udev may be absent (containers): wait for the node losetup created to be usable
@@ -87,16 +110,17 @@ def attach_loop(path: str, *, read_only: bool = False, direct_io: bool = True, r
 
 
 def detach_loop(device: str, *, timeout: float = LOSETUP_TIMEOUT, runner: Runner | None = None) -> None:
-    """Detach a loop device; fine if it is already free. Retries briefly while the kernel still holds it."""
+    """Detach a loop device; fine if it is already free. Retries briefly while the kernel still holds it
+    (DETACH_RETRY_SECONDS), then raises the last failure: DeviceBusy if losetup reported EBUSY."""
     name = os.path.basename(device)
     deadline = time.monotonic() + DETACH_RETRY_SECONDS
     while True:
-        if not os.path.exists(f"/sys/block/{name}/loop/backing_file"):
+        if not _attached(name):
             return
         try:
-            run(["losetup", "-d", device], timeout=timeout, runner=runner)
+            _losetup(["losetup", "-d", device], timeout=timeout, runner=runner)
         except CommandError:
-            if not os.path.exists(f"/sys/block/{name}/loop/backing_file"):
+            if not _attached(name):
                 return
             if time.monotonic() > deadline:
                 raise
@@ -104,14 +128,14 @@ def detach_loop(device: str, *, timeout: float = LOSETUP_TIMEOUT, runner: Runner
             continue
         # losetup -d may only set autoclear on a busy device; the backing file goes when it is released
         release = time.monotonic() + AUTOCLEAR_WAIT
-        while os.path.exists(f"/sys/block/{name}/loop/backing_file") and time.monotonic() < release:
+        while _attached(name) and time.monotonic() < release:
             time.sleep(0.02)
         return
 
 
 def refresh_loop_capacity(device: str, *, runner: Runner | None = None) -> None:
     """Make the loop device pick up its backing file's new size (losetup -c)."""
-    run(["losetup", "-c", device], timeout=LOSETUP_TIMEOUT, runner=runner)
+    _losetup(["losetup", "-c", device], runner=runner)
 
 
 def block_size_bytes(device: str) -> int:

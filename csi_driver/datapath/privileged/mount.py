@@ -9,15 +9,22 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 import stat
 from collections.abc import Sequence
 
-from csi_driver.datapath.privileged.errors import CommandError, MountError
+from csi_driver.datapath.privileged.errors import CommandError, DeviceBusy, MountError
 from csi_driver.datapath.privileged.runner import Runner, run
 
 MOUNT_TIMEOUT = 60.0  # a mount of a device whose journal replays
 UMOUNT_TIMEOUT = 60.0  # an unmount flushes the filesystem's dirty data through FUSE
 UMOUNT_ATTEMPTS = 16  # mounts stacked on one target are removed one per call
+#: where mounts() reads the table by default (a module global, so tests can point it at a sample file)
+MOUNTINFO_PATH = "/proc/self/mountinfo"
+#: mount(8)/umount(8) exit status "mount failure" / "umount failure": the mount(2)/umount2(2) call itself failed
+#: (any errno: EBUSY, EINVAL "not mounted", ENOENT...). The other statuses (1 usage/permissions, 2 system error,
+#: 4 internal bug, 16 mtab, 64 partial success) are never "busy".
+MNT_EX_FAIL = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,25 +44,24 @@ class MountInfo:
         return "ro" in self.options
 
 
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
 def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo octal
+    """The kernel (fs/proc_namespace.c, mangle()) writes space, tab, newline and backslash as \\ooo octal."""
     if "\\" not in field:
         return field
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
+    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
 def parse_mountinfo(text: str) -> list[MountInfo]:
-    """Parse /proc/<pid>/mountinfo text (proc(5)): one MountInfo per line, escaped fields unescaped."""
+    """Parse /proc/<pid>/mountinfo text (proc(5)): one MountInfo per line, escaped fields unescaped.
+
+    Fields: id, parent id, major:minor, root, mount point, options, optional tags..., "-", fstype, source, super
+    options. The separator is safe to split on: a space inside a field is always escaped."""
     result = []
-    for line in text.splitlines():
+    # only "\n" ends a line: the kernel does not escape \f, \x85 and the like, which str.splitlines() splits on
+    for line in text.split("\n"):
         if line:
             left, _, right = line.partition(" - ")
             a = left.split(" ")
@@ -76,9 +82,9 @@ def parse_mountinfo(text: str) -> list[MountInfo]:
     return result
 
 
-def mounts() -> list[MountInfo]:
-    """The live mount table of this process's mount namespace."""
-    with open("/proc/self/mountinfo") as f:
+def mounts(path: str | os.PathLike[str] | None = None) -> list[MountInfo]:
+    """The mount table read from path (default MOUNTINFO_PATH: the live table of this mount namespace)."""
+    with open(path if path is not None else MOUNTINFO_PATH) as f:
         return parse_mountinfo(f.read())
 
 
@@ -139,11 +145,15 @@ def mount(
     argv += [source, target]
     try:
         run(argv, timeout=timeout, runner=runner)
-    except CommandError:
+    except CommandError as e:
         # "already mounted" can also mean busy: re-read the table instead of trusting the message
         after = mounts_at(target)
         if after and _same_source(after[-1], source, bind):
             return after[-1]
+        # mount(8) exits 32 for every mount(2) errno; which one it was is only in its message (stderr fallback:
+        # EBUSY is "already mounted or mount point busy", "... is busy", or strerror(EBUSY))
+        if e.returncode == MNT_EX_FAIL and ("busy" in e.stderr.lower() or "already mounted" in e.stderr.lower()):
+            raise e.as_(DeviceBusy) from e
         raise
     after = mounts_at(target)
     if not after:
@@ -186,9 +196,13 @@ def umount(target: str, *, lazy: bool = False, timeout: float = UMOUNT_TIMEOUT, 
         argv = ["umount"] + (["-l"] if lazy else []) + [target]
         try:
             run(argv, timeout=timeout, runner=runner)
-        except CommandError:
+        except CommandError as e:
             if not mounts_at(target):
-                return True
+                return True  # gone anyway (a racing unmount; umount(8) then says "not mounted")
+            if e.returncode == MNT_EX_FAIL:
+                # umount2(2) refused and the table still shows the mount, so it was not EINVAL "not mounted":
+                # for a mounted target that is EBUSY (or EPERM without CAP_SYS_ADMIN, also not ours to fix)
+                raise e.as_(DeviceBusy, f"exit code {e.returncode}, still mounted") from e
             raise
         did = True
     raise MountError(f"{target}: still mounted after {UMOUNT_ATTEMPTS} umount calls")

@@ -1,50 +1,56 @@
 """The one command runner. Every host command of the node data path goes through a Runner.
 
 `SubprocessRunner` runs argv with no shell and LC_ALL=C, in its own process group (a timeout kills the command
-and every helper it forked), bounds the time, and raises typed errors (errors.py) with stderr in the message.
-Verbs take `runner=` so tests can inject a fake one; None means the real runner.
+and every helper it forked), bounds the time, feeds `input` to stdin, and raises CommandError (stderr in the
+message) unless the exit status is in ok_codes; CommandTimeout and CommandNotFound for the two cases that are not
+an exit status. It does not interpret failures: each verb classifies its tool's exit status (errors.py).
+
+Verbs take `runner=`: None means DEFAULT_RUNNER. A fake runner (tests) implements the same call and may use
+`check()` to turn an exit status into the same errors.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Protocol
 
-from csi_driver.datapath.privileged.errors import CommandError, CommandNotFound, CommandTimeout, DeviceBusy
+from csi_driver.datapath.privileged.errors import CommandError, CommandNotFound, CommandTimeout
 
 log = logging.getLogger("csi_driver.datapath.privileged")
 
 DEFAULT_TIMEOUT = 60.0
-#: what util-linux tools print for EBUSY. mount(8)/umount(8) exit 32 and losetup(8) exits 1 for every kind of
-#: failure, so the exit status cannot tell "busy" apart: the strerror text is the only signal these tools give.
-BUSY_MESSAGES = (os.strerror(errno.EBUSY).lower(), "target is busy")
+#: after a timeout kill, how long to wait for the pipes to close (a helper that left the process group may hold
+#: them open); then they are closed and the output so far is dropped
+KILL_DRAIN_SECONDS = 5.0
 
 Result = subprocess.CompletedProcess
 
 
 class Runner(Protocol):
-    def __call__(self, argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT, ok_codes: Sequence[int] = (0,),
+    def __call__(self, argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT, ok_codes: Collection[int] = (0,),
                  input: bytes | None = None) -> Result[str]:
-        """Run argv; raise CommandError (or a subclass) unless its exit status is in ok_codes."""
+        """Run argv; return its result, or raise CommandError (a subclass for timeout / not installed)
+        unless its exit status is in ok_codes."""
+        ...
 
 
-def classify(argv: Sequence[str], returncode: int, stdout: str, stderr: str) -> CommandError:
-    """The error for a failed command: DeviceBusy when the tool reports EBUSY, else CommandError."""
-    low = stderr.lower()
-    cls = DeviceBusy if any(m in low for m in BUSY_MESSAGES) else CommandError
-    return cls(argv, returncode, stdout, stderr)
+def check(argv: Sequence[str], returncode: int, stdout: str, stderr: str, ok_codes: Collection[int] = (0,)
+          ) -> Result[str]:
+    """The result of a finished command, or CommandError if returncode is not in ok_codes."""
+    if returncode not in ok_codes:
+        raise CommandError(argv, returncode, stdout, stderr)
+    return subprocess.CompletedProcess(list(argv), returncode, stdout, stderr)
 
 
 class SubprocessRunner:
     """The real runner (see the module doc)."""
 
-    def __call__(self, argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT, ok_codes: Sequence[int] = (0,),
+    def __call__(self, argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT, ok_codes: Collection[int] = (0,),
                  input: bytes | None = None) -> Result[str]:
         env = dict(os.environ, LC_ALL="C", LANG="C")
         log.debug("run %s", argv)
@@ -62,26 +68,41 @@ class SubprocessRunner:
         try:
             out, err = proc.communicate(input=input, timeout=timeout)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            raise CommandTimeout(argv, None, out.decode(errors="replace"), err.decode(errors="replace"),
-                                 f"timed out after {timeout}s") from None
+            _kill_group(proc)
+            sout, serr = _drain(proc)
+            raise CommandTimeout(argv, None, sout, serr, f"timed out after {timeout}s") from None
         except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            _kill_group(proc)
+            _drain(proc)
             raise
-        sout, serr = out.decode(errors="replace"), err.decode(errors="replace")
-        if proc.returncode not in ok_codes:
-            raise classify(argv, proc.returncode, sout, serr)
-        return subprocess.CompletedProcess(list(argv), proc.returncode, sout, serr)
+        return check(argv, proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"), ok_codes)
 
 
-RUN: Runner = SubprocessRunner()
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
-def run(argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT, ok_codes: Sequence[int] = (0,),
+def _drain(proc: subprocess.Popen[bytes]) -> tuple[str, str]:
+    """Reap a killed command and collect what it wrote, bounded even if something outside its group holds the
+    pipes."""
+    try:
+        out, err = proc.communicate(timeout=KILL_DRAIN_SECONDS)
+    except subprocess.TimeoutExpired:
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+        proc.wait()
+        return "", ""
+    return out.decode(errors="replace"), err.decode(errors="replace")
+
+
+DEFAULT_RUNNER: Runner = SubprocessRunner()
+RUN = DEFAULT_RUNNER  # the name this module exported first
+
+
+def run(argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT, ok_codes: Collection[int] = (0,),
         input: bytes | None = None, runner: Runner | None = None) -> Result[str]:
-    """Run argv with `runner` (default: the real one)."""
-    return (runner or RUN)(argv, timeout=timeout, ok_codes=ok_codes, input=input)
+    """Run argv with `runner` (None: DEFAULT_RUNNER)."""
+    return (runner if runner is not None else DEFAULT_RUNNER)(argv, timeout=timeout, ok_codes=ok_codes, input=input)
