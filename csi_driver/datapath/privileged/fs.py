@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from csi_driver.datapath.privileged.errors import CommandError, DeviceBusy, HasFilesystem, reports_ebusy
-from csi_driver.datapath.privileged.runner import Result, Runner, run
+from csi_driver.datapath.privileged.errors import CommandError, HasFilesystem
+from csi_driver.datapath.privileged.runner import Runner, run_busy_from_stderr
 
 PROBE_TIMEOUT = 60.0  # blkid -p, dumpe2fs -h: read a few superblocks
 MKFS_TIMEOUT = 600.0  # a large xfs, or ext4 without a prezeroed device
@@ -21,26 +19,11 @@ CAP_SYS_RESOURCE = 24  # capabilities(7)
 SUPPORTED_FS = ("ext4", "xfs")
 
 
-def _run_fs_tool(argv: Sequence[str], *, timeout: float, ok_codes: Sequence[int] = (0,),
-                 runner: Runner | None = None) -> Result[str]:
-    """Run a filesystem tool, raising DeviceBusy when it could not open the device because it is in use.
-
-    mkfs.*, e2fsck, resize2fs and xfs_growfs have no exit status of their own for that (e2fsck's 8 is any
-    "operational error", the others exit 1), so this is the stderr fallback: strerror(EBUSY) in the message.
-    """
-    try:
-        return run(argv, timeout=timeout, ok_codes=ok_codes, runner=runner)
-    except CommandError as e:
-        if type(e) is CommandError and reports_ebusy(e):
-            raise e.as_(DeviceBusy) from e
-        raise
-
-
 def probe(device: str, *, runner: Runner | None = None) -> dict[str, str]:
     """Low-level probe (blkid -p, bypassing the cache): {} for a device with no recognisable content."""
     # blkid(8): exit 2 = nothing found on the device
-    res = _run_fs_tool(["blkid", "-p", "-o", "export", device], ok_codes=(0, BLKID_NOTHING_FOUND),
-                       timeout=PROBE_TIMEOUT, runner=runner)
+    res = run_busy_from_stderr(["blkid", "-p", "-o", "export", device], ok_codes=(0, BLKID_NOTHING_FOUND),
+                               timeout=PROBE_TIMEOUT, runner=runner)
     info = {}
     for line in res.stdout.splitlines():
         k, sep, v = line.partition("=")
@@ -73,14 +56,14 @@ def mkfs(device: str, fstype: str = "ext4", *, prezeroed: bool = False, timeout:
         raise HasFilesystem(f"{device} already holds {what}; not formatting")
     if fstype == "ext4":
         ext = "nodiscard,assume_storage_prezeroed=1" if prezeroed else "nodiscard"
-        _run_fs_tool(["mkfs.ext4", "-q", "-F", "-E", ext, device], timeout=timeout, runner=runner)
+        run_busy_from_stderr(["mkfs.ext4", "-q", "-F", "-E", ext, device], timeout=timeout, runner=runner)
     else:
-        _run_fs_tool(["mkfs.xfs", "-q", "-K", device], timeout=timeout, runner=runner)
+        run_busy_from_stderr(["mkfs.xfs", "-q", "-K", device], timeout=timeout, runner=runner)
 
 
 def ext4_size(device: str, *, runner: Runner | None = None) -> int:
     """Bytes an ext4 filesystem spans (from its superblock)."""
-    out = _run_fs_tool(["dumpe2fs", "-h", device], timeout=PROBE_TIMEOUT, runner=runner).stdout
+    out = run_busy_from_stderr(["dumpe2fs", "-h", device], timeout=PROBE_TIMEOUT, runner=runner).stdout
     fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
     return int(fields["Block count"].strip()) * int(fields["Block size"].strip())
 
@@ -88,8 +71,8 @@ def ext4_size(device: str, *, runner: Runner | None = None) -> int:
 def grow_ext4_offline(device: str, timeout: float = RESIZE_TIMEOUT, *, runner: Runner | None = None) -> None:
     """Grow an unmounted ext4 to its device: e2fsck (replays the journal of a crash-consistent copy) then
     resize2fs. Offline growth needs no CAP_SYS_RESOURCE, which online ext4 resizing does."""
-    _run_fs_tool(["e2fsck", "-f", "-p", device], timeout=timeout, ok_codes=E2FSCK_OK, runner=runner)
-    _run_fs_tool(["resize2fs", device], timeout=timeout, runner=runner)
+    run_busy_from_stderr(["e2fsck", "-f", "-p", device], timeout=timeout, ok_codes=E2FSCK_OK, runner=runner)
+    run_busy_from_stderr(["resize2fs", device], timeout=timeout, runner=runner)
 
 
 def can_resize_ext4_online() -> bool:
@@ -105,8 +88,8 @@ def resize_filesystem(device: str, mount_point: str, fstype: str, timeout: float
                       runner: Runner | None = None) -> None:
     """Grow a mounted filesystem to fill its device (online)."""
     if fstype == "ext4":
-        _run_fs_tool(["resize2fs", device], timeout=timeout, runner=runner)
+        run_busy_from_stderr(["resize2fs", device], timeout=timeout, runner=runner)
     elif fstype == "xfs":
-        _run_fs_tool(["xfs_growfs", mount_point], timeout=timeout, runner=runner)
+        run_busy_from_stderr(["xfs_growfs", mount_point], timeout=timeout, runner=runner)
     else:
         raise ValueError(f"cannot resize filesystem type {fstype!r}")

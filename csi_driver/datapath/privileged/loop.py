@@ -6,10 +6,9 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Sequence
 
-from csi_driver.datapath.privileged.errors import CommandError, DeviceBusy, reports_ebusy
-from csi_driver.datapath.privileged.runner import Result, Runner, run
+from csi_driver.datapath.privileged.errors import CommandError
+from csi_driver.datapath.privileged.runner import Runner, run_busy_from_stderr
 
 LOSETUP_TIMEOUT = 60.0
 #: sysfs block directory (a module global, so tests can point it at a fake tree)
@@ -55,29 +54,14 @@ def _read_sys(path: str) -> str:
         return ""
 
 
-def _losetup(argv: Sequence[str], *, timeout: float = LOSETUP_TIMEOUT, ok_codes: Sequence[int] = (0,),
-             runner: Runner | None = None) -> Result[str]:
-    """Run losetup, raising DeviceBusy when the kernel said EBUSY.
-
-    losetup(8) exits 1 for every failure, so the errno is only in its message: the stderr fallback
-    (errors.reports_ebusy, strerror(EBUSY) under LC_ALL=C).
-    """
-    try:
-        return run(argv, timeout=timeout, ok_codes=ok_codes, runner=runner)
-    except CommandError as e:
-        if type(e) is CommandError and reports_ebusy(e):
-            raise e.as_(DeviceBusy) from e
-        raise
-
-
 def _attached(name: str) -> bool:
     return os.path.exists(f"{SYS_BLOCK}/{name}/loop/backing_file")
 
 
 def loops_for(path: str, *, runner: Runner | None = None) -> list[str]:
     """Loop devices whose backing file is path (losetup -j)."""
-    res = _losetup(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE", "-j", path],
-                   ok_codes=(0, LOSETUP_NONE_FOUND), runner=runner)
+    res = run_busy_from_stderr(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE", "-j", path],
+                               timeout=LOSETUP_TIMEOUT, ok_codes=(0, LOSETUP_NONE_FOUND), runner=runner)
     if not res.stdout.strip():
         return []
     return [d["name"] for d in json.loads(res.stdout).get("loopdevices", [])]
@@ -99,7 +83,7 @@ def attach_loop(path: str, *, read_only: bool = False, direct_io: bool = True, r
     if read_only:
         argv.append("--read-only")
     argv.append(path)
-    dev = _losetup(argv, runner=runner).stdout.strip()
+    dev = run_busy_from_stderr(argv, timeout=LOSETUP_TIMEOUT, runner=runner).stdout.strip()
     if not dev.startswith("/dev/loop"):
         raise CommandError(argv, 0, dev, "", "unexpected output")
     # udev may be absent (containers): wait for the node losetup created to be usable
@@ -118,7 +102,7 @@ def detach_loop(device: str, *, timeout: float = LOSETUP_TIMEOUT, runner: Runner
         if not _attached(name):
             return
         try:
-            _losetup(["losetup", "-d", device], timeout=timeout, runner=runner)
+            run_busy_from_stderr(["losetup", "-d", device], timeout=timeout, runner=runner)
         except CommandError:
             if not _attached(name):
                 return
@@ -135,7 +119,7 @@ def detach_loop(device: str, *, timeout: float = LOSETUP_TIMEOUT, runner: Runner
 
 def refresh_loop_capacity(device: str, *, runner: Runner | None = None) -> None:
     """Make the loop device pick up its backing file's new size (losetup -c)."""
-    _losetup(["losetup", "-c", device], runner=runner)
+    run_busy_from_stderr(["losetup", "-c", device], timeout=LOSETUP_TIMEOUT, runner=runner)
 
 
 def block_size_bytes(device: str) -> int:

@@ -19,7 +19,13 @@ import subprocess
 from collections.abc import Collection, Sequence
 from typing import Protocol
 
-from csi_driver.datapath.privileged.errors import CommandError, CommandNotFound, CommandTimeout
+from csi_driver.datapath.privileged.errors import (
+    CommandError,
+    CommandNotFound,
+    CommandTimeout,
+    DeviceBusy,
+    reports_ebusy,
+)
 
 log = logging.getLogger("csi_driver.datapath.privileged")
 
@@ -106,3 +112,19 @@ def run(argv: Sequence[str], *, timeout: float = DEFAULT_TIMEOUT, ok_codes: Coll
         input: bytes | None = None, runner: Runner | None = None) -> Result[str]:
     """Run argv with `runner` (None: DEFAULT_RUNNER)."""
     return (runner if runner is not None else DEFAULT_RUNNER)(argv, timeout=timeout, ok_codes=ok_codes, input=input)
+
+
+def run_busy_from_stderr(argv: Sequence[str], *, timeout: float, ok_codes: Collection[int] = (0,),
+                         runner: Runner | None = None) -> Result[str]:
+    """run(), raising DeviceBusy when the tool reports EBUSY in its message.
+
+    For tools whose exit status cannot say "busy" (losetup(8) exits 1 for every failure; mkfs.*, e2fsck,
+    resize2fs, xfs_growfs exit 1, or 8 for any operational error): the stderr fallback, strerror(EBUSY) under
+    LC_ALL=C (errors.reports_ebusy).
+    """
+    try:
+        return run(argv, timeout=timeout, ok_codes=ok_codes, runner=runner)
+    except CommandError as e:
+        if type(e) is CommandError and reports_ebusy(e):
+            raise e.as_(DeviceBusy) from e
+        raise
