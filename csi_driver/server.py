@@ -36,7 +36,6 @@ from csi_driver.csi.rpc import Metrics, RpcInterceptor
 from csi_driver.csi.settings import Settings
 from csi_driver.datapath import DataPath, datapath_unavailable
 from csi_driver.embedded import EmbeddedBackend
-from csi_driver.engine import Engine
 from csi_driver.engine import errors as engine_errors
 from csi_driver.logs import configure_logging
 from csi_driver.proto_gen import csi_pb2_grpc
@@ -99,11 +98,7 @@ def make_backend(args: argparse.Namespace) -> tuple[StorageBackend, StartedEngin
     mode = resolved_engine_mode(args)
     if mode == "embedded":
         node = getattr(args, "mode", "all") in ("all", "node") and not datapath_unavailable()
-
-        def datapath(engine: Engine) -> DataPath:
-            return DataPath(engine, engine.state_dir)
-
-        return EmbeddedBackend.open(state_dir, datapath=datapath, node=node), None
+        return EmbeddedBackend.open(state_dir, datapath=DataPath, node=node), None
     endpoint = engine_endpoint(args)
     if mode == "process":
         backend = RemoteBackend(endpoint)

@@ -16,8 +16,8 @@ import grpc
 
 from csi_driver.engine import errors as engine_errors
 
-#: space errors a host call (outside the engine's own file I/O) may still raise as OSError
-NOSPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# the engine's own file I/O already raises NoSpace for these; a host call outside it may still raise the OSError
+from csi_driver.engine.fileio import NOSPACE_ERRNOS
 
 
 class StatusError(Exception):

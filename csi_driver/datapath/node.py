@@ -96,9 +96,10 @@ class _Errors:
 class DataPath:
     """Owns the FUSE export of this node's staged volumes, their loop devices, mounts and records."""
 
-    def __init__(self, engine: Any, state_dir: str, *, export_dir: str | None = None):
+    def __init__(self, engine: Any, state_dir: str | None = None, *, export_dir: str | None = None):
+        """state_dir: where the staging records and the export live (default: the engine's state dir)."""
         self.engine = engine
-        self.state_dir = os.path.abspath(state_dir)
+        self.state_dir = os.path.abspath(state_dir if state_dir is not None else engine.state_dir)
         self.export = FuseExport(export_dir or os.path.join(self.state_dir, "exports"))
         self._records = _Records(os.path.join(self.state_dir, "staging.json"))
         self._lock = threading.RLock()  # records and per-volume work; node RPCs are rare and short

@@ -195,16 +195,12 @@ def _open_backend(state_dir: str, stop: threading.Event) -> EmbeddedBackend:
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
     while True:
         try:
-            return EmbeddedBackend.open(state_dir, datapath=_datapath_for(state_dir))
+            return EmbeddedBackend.open(state_dir, datapath=DataPath)
         except errors.EngineLocked as e:
             if stop.is_set() or time.monotonic() > deadline:
                 raise
             log.warning("state dir busy, retrying", extra={"fields": {"error": str(e)}})
             stop.wait(0.5)
-
-
-def _datapath_for(state_dir: str) -> Callable[[Engine], DataPath]:
-    return lambda engine: DataPath(engine, state_dir)
 
 
 def run_engine(args: argparse.Namespace) -> int:
