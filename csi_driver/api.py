@@ -52,6 +52,47 @@ class SnapshotItem:
     volume_id: str | None = None
 
 
+@dataclass(frozen=True)
+class NodeInfo:
+    """A node that holds volumes, as the Backend sees it (topology, GetCapacity, placement)."""
+
+    #: "" = the node this process serves (a one-node backend does not know its name)
+    id: str
+    live: bool
+    total_bytes: int = 0
+    free_bytes: int = 0
+    #: why it is not live
+    detail: str = ""
+
+
+# -- ids that name their node: `<node key>.<local id>`, so a multi-node backend routes a call with no lookup.
+
+#: node names longer than this are named by a digest in ids (CSI ids are at most 128 bytes)
+MAX_NODE_IN_ID = 96
+_NODE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.")
+
+
+def node_key(node: str) -> str:
+    """How an id names a node: the node name itself when short and plain, else `h-` and a digest of it."""
+    if node and len(node) <= MAX_NODE_IN_ID and set(node) <= _NODE_CHARS and node[0].isalnum():
+        return node
+    import hashlib
+
+    return "h-" + hashlib.sha256(node.encode()).hexdigest()[:24]
+
+
+def placed_id(node: str, local: str) -> str:
+    """The id of a new object on node; local is `<kind>-<hex>` (no dot)."""
+    assert "." not in local
+    return f"{node_key(node)}.{local}"
+
+
+def id_node_key(object_id: str) -> str | None:
+    """The node key an id names, None for an id of a one-node install made before ids named nodes."""
+    key, dot, local = object_id.rpartition(".")
+    return key if dot and key and local else None
+
+
 class Backend(Protocol):
     def is_ready(self) -> bool:
         """True while the engine answers (Probe)."""
@@ -61,6 +102,10 @@ class Backend(Protocol):
 
     def capacity(self) -> tuple[int, int]:
         """(total_bytes, free_bytes) of the storage holding the volumes."""
+
+    def nodes(self) -> list[NodeInfo]:
+        """Every node holding volumes: one ("" = this node) for a one-node backend; with several, the new
+        volume's id (placed_id) says which one it is made on, and a copy is made on its source's node."""
 
     def create_volume(self, name: str, size: int, *, grain_size: int, attrs: Mapping[str, str],
                       volume_id: str | None = None) -> Volume:

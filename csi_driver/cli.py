@@ -41,6 +41,50 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_cluster(p: argparse.ArgumentParser, *, engine: bool) -> None:
+    """Flags of the multi-node install: the engine API over mutual TLS, discovery through Leases."""
+    if engine:
+        p.add_argument(
+            "--listen",
+            default=_env("CSI_ENGINE_LISTEN", ""),
+            help="also serve the engine API on HOST:PORT for controllers, mutual TLS only (needs --tls-dir; "
+            "env CSI_ENGINE_LISTEN; empty = unix socket only)",
+        )
+        p.add_argument(
+            "--node-id",
+            default=_env("CSI_NODE_ID", _env("NODE_NAME", socket.gethostname())),
+            help="the node this engine serves: the name of its Lease (env CSI_NODE_ID, else NODE_NAME, else "
+            "the host name)",
+        )
+        p.add_argument(
+            "--advertise-address",
+            default=_env("CSI_ENGINE_ADVERTISE", ""),
+            help="HOST:PORT controllers dial, written to the Lease (env CSI_ENGINE_ADVERTISE; default --listen)",
+        )
+    else:
+        p.add_argument(
+            "--engine-listen",
+            default=_env("CSI_ENGINE_LISTEN", ""),
+            help="with --mode node|all: the node engine also serves HOST:PORT for controllers, mutual TLS only "
+            "(env CSI_ENGINE_LISTEN; empty = unix socket only)",
+        )
+    p.add_argument(
+        "--tls-dir",
+        default=_env("CSI_TLS_DIR", ""),
+        help="directory with ca.crt, tls.crt, tls.key: the engine API's mutual TLS (env CSI_TLS_DIR)",
+    )
+    p.add_argument(
+        "--kubeconfig",
+        default=_env("CSI_KUBECONFIG", ""),
+        help="kubeconfig for the Kubernetes API (env CSI_KUBECONFIG; empty = the in-cluster config)",
+    )
+    p.add_argument(
+        "--namespace",
+        default=_env("CSI_NAMESPACE", _env("POD_NAMESPACE", "")),
+        help="namespace of the engines' Leases (env CSI_NAMESPACE, else POD_NAMESPACE; empty = no Leases)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="csi-flashcopy", description="CSI driver with FlashCopy-style point-in-time copies"
@@ -79,10 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--engine",
-        choices=("auto", "embedded", "process"),
+        choices=("auto", "embedded", "process", "cluster"),
         default=_env("CSI_ENGINE_MODE", "auto"),
-        help="embedded: open the engine in this process; process: use the node engine process; "
-        "auto: process when the node data path is served (env CSI_ENGINE_MODE)",
+        help="embedded: open the engine in this process; process: use the node engine process; cluster "
+        "(--mode controller): every node's engine, found through their Leases, over mutual TLS; auto: cluster "
+        "for --mode controller with --tls-dir, process when the node data path is served, else embedded "
+        "(env CSI_ENGINE_MODE)",
     )
     serve.add_argument(
         "--keep-engine",
@@ -104,13 +150,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="host:port for Prometheus metrics, empty = off (env CSI_METRICS_ADDRESS)",
     )
 
+    _add_cluster(serve, engine=False)
+
     engine = sub.add_parser("engine", help="run the node engine process (volume data, FUSE exports)")
     _add_common(engine)
+    _add_cluster(engine, engine=True)
     engine.add_argument(
         "--endpoint",
         default=_env("CSI_ENGINE_ENDPOINT", ""),
         help="engine API endpoint, unix:///path (env CSI_ENGINE_ENDPOINT; default unix://<state-dir>/engine.sock)",
     )
+
+    certs = sub.add_parser("certs", help="write a CA and the engine certificate (ca.crt, tls.crt, tls.key) to a "
+                           "directory, for installs without the chart's or cert-manager's Secret")
+    certs.add_argument("--out", required=True, help="directory to write (created; existing files are kept)")
+    certs.add_argument("--days", type=int, default=3650, help="validity in days (default 3650)")
 
     demo = sub.add_parser("demo", help="a short engine tour on a local state directory")
     demo.add_argument("--state-dir", default=_env("CSI_FLASHCOPY_STATE_DIR", "./state"))
@@ -131,6 +185,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from csi_driver.remote.service import run_engine
 
         return run_engine(args)
+    if args.command == "certs":
+        from csi_driver.remote.tls import run_certs
+
+        return run_certs(args.out, days=args.days)
     if args.command == "demo":
         from csi_driver.demo import run_demo
 

@@ -13,8 +13,9 @@ import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 
-from csi_driver.api import NodeDataPath, NodeStats, SnapshotItem, Volume
+from csi_driver.api import NodeDataPath, NodeInfo, NodeStats, SnapshotItem, Volume
 from csi_driver.engine import Engine, errors
+from csi_driver.engine.groups import GroupStart
 from csi_driver.engine.model import CopyItem, MappingInfo, MappingState, VolumeInfo
 
 #: builds the node data path over the engine (called once, when the node side is first used)
@@ -43,6 +44,8 @@ class EmbeddedBackend:
         self._node_mu = threading.Lock()
         self._factory = datapath
         self._datapath: NodeDataPath | None = None
+        self._starts: dict[str, GroupStart] = {}  # phased group starts by group name (remote coordinator)
+        self._starts_mu = threading.Lock()
 
     @classmethod
     def open(cls, state_dir: str, *, datapath: DataPathFactory | None = None, node: bool = False
@@ -169,6 +172,10 @@ class EmbeddedBackend:
     def close(self) -> None:
         if self._closed:
             return
+        with self._starts_mu:
+            starts = list(self._starts.values())
+        for gs in starts:
+            gs.release(abort=True)  # a start left unfinished would hold writes and freezes
         with self._node_mu:
             self._closed = True
             dp, self._datapath = self._datapath, None
@@ -187,6 +194,10 @@ class EmbeddedBackend:
 
     def capacity(self) -> tuple[int, int]:
         return self.engine.capacity()
+
+    def nodes(self) -> list[NodeInfo]:
+        total, free = self.engine.capacity()
+        return [NodeInfo(id="", live=not self._closed, total_bytes=total, free_bytes=free)]
 
     def create_volume(self, name: str, size: int, *, grain_size: int, attrs: Mapping[str, str],
                       volume_id: str | None = None) -> Volume:
@@ -230,6 +241,35 @@ class EmbeddedBackend:
             group_name=group_name, copy_rate=copy_rate, quiesce=self._quiesce,
         )
         return self._records([info for info, _ in pairs])
+
+    # -- a group start in phases, driven by a controller for members on several nodes (engine.groups.GroupStart)
+
+    def prepare_group(self, group_name: str, items: Sequence[SnapshotItem], *, copy_rate: int,
+                      watchdog: float) -> None:
+        with self._starts_mu:
+            old = self._starts.get(group_name)
+            if old is not None and old.phase in ("prepared", "started"):
+                raise errors.AlreadyExists(f"group {group_name!r} is being started already ({old.phase})")
+        gs = self.engine.begin_group_start(
+            [CopyItem(source_id=it.source_id, name=it.name, attrs=dict(it.attrs), volume_id=it.volume_id)
+             for it in items], group_name=group_name, copy_rate=copy_rate, quiesce=self._quiesce, watchdog=watchdog)
+        with self._starts_mu:
+            # finished starts are kept only until the next one: a retried release still finds its answer
+            self._starts = {k: v for k, v in self._starts.items() if v.phase in ("prepared", "started")}
+            self._starts[group_name] = gs
+
+    def _group_start(self, group_name: str) -> GroupStart:
+        with self._starts_mu:
+            gs = self._starts.get(group_name)
+        if gs is None:
+            raise errors.NotFound(f"no group start {group_name!r} is prepared here")
+        return gs
+
+    def start_group(self, group_name: str) -> list[Volume]:
+        return self._records([info for info, _ in self._group_start(group_name).start()])
+
+    def release_group(self, group_name: str, *, abort: bool) -> float:
+        return self._group_start(group_name).release(abort=abort)
 
     def delete_group(self, group_name: str) -> None:
         for g in self.engine.list_groups():

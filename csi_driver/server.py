@@ -37,11 +37,15 @@ from csi_driver.csi.settings import Settings
 from csi_driver.datapath import DataPath, datapath_unavailable
 from csi_driver.embedded import EmbeddedBackend
 from csi_driver.engine import errors as engine_errors
+from csi_driver.k8s.apiclient import api_client
+from csi_driver.k8s.leases import LeaseDirectory
 from csi_driver.logs import configure_logging
 from csi_driver.proto_gen import csi_pb2_grpc
 from csi_driver.remote.client import RemoteBackend
+from csi_driver.remote.cluster import ClusterBackend
 from csi_driver.remote.launcher import StartedEngine, ensure_engine
 from csi_driver.remote.service import default_endpoint
+from csi_driver.remote.tls import TlsFiles
 from csi_driver.sockets import bind, parse_endpoint
 
 log = logging.getLogger("csi_flashcopy.server")
@@ -63,6 +67,8 @@ def resolved_engine_mode(args: argparse.Namespace) -> str:
     mode = getattr(args, "engine", "auto")
     if mode != "auto":
         return str(mode)
+    if getattr(args, "mode", "all") == "controller" and getattr(args, "tls_dir", ""):
+        return "cluster"  # the multi-node controller: every node's engine over mutual TLS
     if getattr(args, "mode", "all") not in ("all", "node"):
         return "embedded"  # a controller alone has no data path to keep alive
     why = datapath_unavailable()
@@ -74,7 +80,17 @@ def resolved_engine_mode(args: argparse.Namespace) -> str:
 
 def check_engine_mode(args: argparse.Namespace) -> None:
     """Refuse, before anything is bound or opened, an engine setting that cannot work."""
-    if getattr(args, "engine", "auto") == "embedded":
+    mode = resolved_engine_mode(args) if getattr(args, "engine", "auto") != "embedded" else "embedded"
+    if mode == "cluster":
+        if getattr(args, "mode", "all") != "controller":
+            raise ValueError("--engine cluster is the controller's (--mode controller)")
+        TlsFiles.load(getattr(args, "tls_dir", "") or "")
+        if not getattr(args, "namespace", ""):
+            raise ValueError("--engine cluster needs --namespace (where the engines keep their Leases)")
+        return
+    if getattr(args, "engine_listen", ""):
+        TlsFiles.load(getattr(args, "tls_dir", "") or "")  # no TCP listener without TLS
+    if mode == "embedded":
         return
     endpoint = engine_endpoint(args)
     if parse_endpoint(endpoint)[0] != "unix":
@@ -96,6 +112,9 @@ def make_backend(args: argparse.Namespace) -> tuple[StorageBackend, StartedEngin
     check_engine_mode(args)
     state_dir: str = args.state_dir
     mode = resolved_engine_mode(args)
+    if mode == "cluster":
+        directory = LeaseDirectory(api_client(getattr(args, "kubeconfig", "") or None), args.namespace).start()
+        return ClusterBackend(directory, TlsFiles.load(args.tls_dir)), None
     if mode == "embedded":
         node = getattr(args, "mode", "all") in ("all", "node") and not datapath_unavailable()
         return EmbeddedBackend.open(state_dir, datapath=DataPath, node=node), None
@@ -106,7 +125,20 @@ def make_backend(args: argparse.Namespace) -> tuple[StorageBackend, StartedEngin
             log.warning("the node engine process does not answer yet; not ready until it does",
                         extra={"fields": {"engine_endpoint": endpoint}})
         return backend, None
-    return ensure_engine(state_dir, endpoint)
+    return ensure_engine(state_dir, endpoint, extra_args=engine_cluster_args(args))
+
+
+def engine_cluster_args(args: argparse.Namespace) -> list[str]:
+    """What the node engine process `serve` starts needs to serve other nodes' controllers."""
+    listen = getattr(args, "engine_listen", "")
+    if not listen:
+        return []
+    out = ["--listen", listen, "--tls-dir", args.tls_dir, "--node-id", args.node_id]
+    if getattr(args, "namespace", ""):
+        out += ["--namespace", args.namespace]
+    if getattr(args, "kubeconfig", ""):
+        out += ["--kubeconfig", args.kubeconfig]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------- serving

@@ -29,7 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "embedded": {"api", "engine"},
     "csi": {"api", "engine", "status", "proto_gen", "logs"},
     "datapath": {"api", "engine"},
-    "remote": {"api", "engine", "status", "proto_gen", "embedded", "datapath", "sockets", "logs"},
+    "remote": {"api", "engine", "status", "proto_gen", "embedded", "datapath", "sockets", "logs", "k8s"},
     "k8s": {"api", "engine", "logs"},
     "demo": {"engine"},
     "server": {"api", "engine", "status", "proto_gen", "embedded", "datapath", "remote", "csi", "sockets",

@@ -11,6 +11,7 @@ import grpc
 
 from csi_driver.api import Backend, Volume
 from csi_driver.csi import objects as o
+from csi_driver.csi import placement
 from csi_driver.csi.driver import Driver
 from csi_driver.csi.errors import (
     CsiError,
@@ -19,7 +20,6 @@ from csi_driver.csi.errors import (
     invalid,
     not_found,
     out_of_range,
-    resource_exhausted,
 )
 from csi_driver.csi.params import parse_snapshot_params, parse_volume_params
 from csi_driver.csi.settings import Settings
@@ -80,13 +80,6 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
 
     # ------------------------------------------------------------------ volumes
 
-    def _check_topology(self, req: csi_pb2.TopologyRequirement) -> None:
-        if not req.requisite:
-            return
-        key, node = self.settings.topology_key, self.settings.node_id
-        if not any(t.segments.get(key) == node for t in req.requisite):
-            raise resource_exhausted(f"accessibility_requirements: none of the requisite topologies is {key}={node}")
-
     def CreateVolume(self, request: csi_pb2.CreateVolumeRequest, context: grpc.ServicerContext
                      ) -> csi_pb2.CreateVolumeResponse:
         name = require_name(request.name)
@@ -98,8 +91,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         source = (o.ContentSource.from_csi(request.volume_content_source)
                   if request.HasField("volume_content_source") else None)
         source_attr = source.encode() if source is not None else ""
-        if request.HasField("accessibility_requirements"):
-            self._check_topology(request.accessibility_requirements)
+        topology = request.accessibility_requirements if request.HasField("accessibility_requirements") else None
 
         backend = self.driver.backend
         ename = o.engine_name(o.KIND_VOLUME, name)
@@ -114,13 +106,20 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             grain = src.grain_size if src is not None else params.grain_size
             size = choose_size(required, limit, grain, src.size if src is not None else 0,
                                self.settings.default_volume_size)
+            if src is not None:
+                node = placement.volume_node(src, self.settings)
+                placement.check_source_node(node, f"{source.kind} {src.id}" if source else src.id, topology,
+                                            self.settings)
+            else:
+                node = placement.choose_node(backend.nodes(), topology, size, self.settings)
             attrs = {o.KIND: o.KIND_VOLUME, o.NAME: name, o.PARAMS: params.canonical(), o.SOURCE: source_attr,
-                     o.NODE: self.settings.node_id}
+                     o.NODE: node}
+            vid = o.new_volume_id(node)
             if src is not None:
                 v = backend.clone(src.id, ename, size=size, copy_rate=params.copy_rate,
-                                  clean_rate=params.clean_rate, attrs=attrs)
+                                  clean_rate=params.clean_rate, attrs=attrs, volume_id=vid)
             else:
-                v = backend.create_volume(ename, size, grain_size=grain, attrs=attrs)
+                v = backend.create_volume(ename, size, grain_size=grain, attrs=attrs, volume_id=vid)
         return csi_pb2.CreateVolumeResponse(volume=o.csi_volume(v, self.settings))
 
     @staticmethod
@@ -191,13 +190,10 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         for i, cap in enumerate(request.volume_capabilities):
             check_capability_shape(cap, f"volume_capabilities[{i}]")
         parse_volume_params(request.parameters)
-        _, free = self.driver.backend.capacity()
         if any(unsupported_reason(c, self.settings) for c in request.volume_capabilities):
-            free = 0  # no volume with these capabilities can be made here
-        if request.HasField("accessible_topology"):
-            node = request.accessible_topology.segments.get(self.settings.topology_key)
-            if node is not None and node != self.settings.node_id:
-                free = 0  # another node's capacity is not ours to report
+            return csi_pb2.GetCapacityResponse(available_capacity=0)  # no such volume can be made anywhere
+        topology = request.accessible_topology if request.HasField("accessible_topology") else None
+        free = placement.capacity_for(self.driver.backend.nodes(), topology, self.settings)
         return csi_pb2.GetCapacityResponse(available_capacity=free)
 
     def ControllerGetCapabilities(self, request: csi_pb2.ControllerGetCapabilitiesRequest,
@@ -252,10 +248,11 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
                     raise already_exists(f"snapshot {name!r} exists ({existing.id}) with other parameters")
                 return csi_pb2.CreateSnapshotResponse(snapshot=o.csi_snapshot(existing))
             src = get_kind(backend, src_id, o.KIND_VOLUME)
+            node = placement.volume_node(src, self.settings)  # a snapshot lives on its source's node
             attrs = {o.KIND: o.KIND_SNAPSHOT, o.NAME: name, o.PARAMS: params.canonical(), o.SOURCE_VOLUME: src.id,
-                     o.NODE: src.attrs.get(o.NODE, self.settings.node_id)}
+                     o.NODE: node}
             v = backend.snapshot(src.id, ename, copy_rate=params.copy_rate, attrs=attrs,
-                                 volume_id=o.new_snapshot_id())
+                                 volume_id=o.new_snapshot_id(node))
         return csi_pb2.CreateSnapshotResponse(snapshot=o.csi_snapshot(v))
 
     def DeleteSnapshot(self, request: csi_pb2.DeleteSnapshotRequest, context: grpc.ServicerContext

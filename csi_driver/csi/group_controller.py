@@ -14,9 +14,10 @@ import grpc
 
 from csi_driver.api import Backend, SnapshotItem, Volume
 from csi_driver.csi import objects as o
+from csi_driver.csi import placement
 from csi_driver.csi.controller import get_kind
 from csi_driver.csi.driver import Driver
-from csi_driver.csi.errors import already_exists, invalid, not_found
+from csi_driver.csi.errors import already_exists, invalid, not_found, unavailable
 from csi_driver.csi.params import parse_snapshot_params
 from csi_driver.csi.validation import require_id, require_name
 from csi_driver.engine import errors as engine_errors
@@ -35,6 +36,21 @@ def group_snapshot(members: Sequence[Volume]) -> csi_pb2.VolumeGroupSnapshot:
         creation_time=o.timestamp(min(m.created_at for m in members)),
         ready_to_use=True,
     )
+
+
+def complete(members: Sequence[Volume]) -> bool:
+    """Every member is there (groups made before members carried GROUP_SIZE count as complete)."""
+    want = members[0].attrs.get(o.GROUP_SIZE, "")
+    return not want.isdigit() or len(members) >= int(want)
+
+
+def _delete_members(backend: Backend, members: Sequence[Volume], gid: str = "") -> None:
+    for m in members:
+        with contextlib.suppress(engine_errors.NotFound):
+            backend.delete_volume(m.id)
+    for g in {gid} | {m.attrs.get(o.GROUP, "") for m in members} - {""}:
+        with contextlib.suppress(engine_errors.NotFound):
+            backend.delete_group(g)
 
 
 def _snapshot_ids(ids: Sequence[str]) -> set[str]:
@@ -69,6 +85,10 @@ class GroupControllerServicer(csi_pb2_grpc.GroupControllerServicer):
         backend = self.driver.backend
         with self.driver.locks.hold(f"group-name:{name}"):
             members = group_members(backend, name=name)
+            if members and not complete(members):
+                # left by a controller that died between the nodes' starts and their aborts: make it anew
+                _delete_members(backend, members)
+                members = []
             if members:
                 if sorted(m.attrs.get(o.SOURCE_VOLUME, "") for m in members) != sorted(ids):
                     raise already_exists(f"group snapshot {name!r} exists with other source volumes")
@@ -82,9 +102,9 @@ class GroupControllerServicer(csi_pb2_grpc.GroupControllerServicer):
                     source_id=src.id,
                     name=o.member_name(gid, src.id),
                     attrs={o.KIND: o.KIND_SNAPSHOT, o.PARAMS: params.canonical(), o.SOURCE_VOLUME: src.id,
-                           o.GROUP: gid, o.GROUP_NAME: name,
-                           o.NODE: src.attrs.get(o.NODE, self.driver.settings.node_id)},
-                    volume_id=o.new_snapshot_id(),
+                           o.GROUP: gid, o.GROUP_NAME: name, o.GROUP_SIZE: str(len(sources)),
+                           o.NODE: placement.volume_node(src, self.driver.settings)},
+                    volume_id=o.new_snapshot_id(placement.volume_node(src, self.driver.settings)),
                 )
                 for src in sources
             ]
@@ -100,11 +120,7 @@ class GroupControllerServicer(csi_pb2_grpc.GroupControllerServicer):
             members = group_members(backend, group_id=gid)
             if members:
                 _check_ids(given, members, gid)
-            for m in members:
-                with contextlib.suppress(engine_errors.NotFound):
-                    backend.delete_volume(m.id)
-            with contextlib.suppress(engine_errors.NotFound):
-                backend.delete_group(gid)
+            _delete_members(backend, members, gid)
         return csi_pb2.DeleteVolumeGroupSnapshotResponse()
 
     def GetVolumeGroupSnapshot(self, request: csi_pb2.GetVolumeGroupSnapshotRequest,
@@ -114,5 +130,8 @@ class GroupControllerServicer(csi_pb2_grpc.GroupControllerServicer):
         members = group_members(self.driver.backend, group_id=gid)
         if not members:
             raise not_found(f"group snapshot {gid} does not exist")
+        if not complete(members):
+            raise unavailable(f"group snapshot {gid}: {len(members)} of {members[0].attrs.get(o.GROUP_SIZE)} "
+                              f"member snapshots answer (a node holding the others is down)")
         _check_ids(given, members, gid)
         return csi_pb2.GetVolumeGroupSnapshotResponse(group_snapshot=group_snapshot(members))

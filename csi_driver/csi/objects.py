@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from csi_driver.api import Volume
+from csi_driver.api import Volume, placed_id
 from csi_driver.csi.errors import aborted, invalid
 from csi_driver.csi.settings import Settings
 from csi_driver.csi.validation import is_valid_id, require_id
@@ -28,6 +28,7 @@ SOURCE = "csi.source"  # content source of a volume: "snapshot:<id>" | "volume:<
 SOURCE_VOLUME = "csi.sourceVolume"  # the volume a snapshot was taken of
 GROUP = "csi.group"  # group snapshot id of a group member snapshot
 GROUP_NAME = "csi.groupName"  # CSI name of that group snapshot
+GROUP_SIZE = "csi.groupSize"  # how many members the group snapshot has (a listing missing some is incomplete)
 NODE = "csi.node"  # node holding the volume (topology)
 
 class Kind(enum.StrEnum):
@@ -82,8 +83,13 @@ def member_name(group_id: str, source_id: str) -> str:
     return f"csi-group:{group_id}:{source_id}"
 
 
-def new_snapshot_id() -> str:
-    return f"snap-{secrets.token_hex(8)}"
+def new_volume_id(node: str) -> str:
+    """Ids name the node holding the object (api.placed_id): a multi-node backend routes by them."""
+    return placed_id(node, f"vol-{secrets.token_hex(8)}")
+
+
+def new_snapshot_id(node: str) -> str:
+    return placed_id(node, f"snap-{secrets.token_hex(8)}")
 
 
 def new_group_id() -> str:

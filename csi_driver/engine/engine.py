@@ -69,6 +69,8 @@ class Engine(Groups, Jobs):
         self._commit_interval = commit_interval
         self._lock = threading.RLock()
         self._work = threading.Condition(self._lock)
+        self._held = {}
+        self._gate = threading.Condition(self._lock)
         self._closed = False
         self._vols = {}
         self._maps = {}
@@ -190,6 +192,8 @@ class Engine(Groups, Jobs):
     def write(self, volume_id: str, offset: int, data: bytes | bytearray | memoryview) -> None:
         data = memoryview(data)
         with self._lock:
+            while self._held and volume_id in self._held and not self._closed:
+                self._gate.wait()  # a group start holds this source's writes (not yet acknowledged)
             v = self._io_vol(volume_id, offset, len(data))
             if not data:
                 return
@@ -213,6 +217,8 @@ class Engine(Groups, Jobs):
     def discard(self, volume_id: str, offset: int, length: int) -> None:
         """Discard (TRIM): the range reads as zeros; whole grains become holes where no one needs them."""
         with self._lock:
+            while self._held and volume_id in self._held and not self._closed:
+                self._gate.wait()
             v = self._io_vol(volume_id, offset, length)
             grain = v.grain
             pos, end = offset, offset + length
@@ -319,6 +325,8 @@ class Engine(Groups, Jobs):
                 return
             self._flush_all()
             self._closed = True
+            self._held.clear()
+            self._gate.notify_all()
             self._work.notify_all()
         if self._copier is not None:
             self._copier.join(timeout=10)
@@ -337,6 +345,8 @@ class Engine(Groups, Jobs):
         """
         with self._lock:
             self._closed = True
+            self._held.clear()
+            self._gate.notify_all()
             for v in [*self._vols.values(), *self._unlink_later]:
                 if v.fd >= 0:
                     os.close(v.fd)

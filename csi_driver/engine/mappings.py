@@ -180,31 +180,35 @@ class Mappings(Volumes):
         ctx = quiesce([m.source for m in ms]) if quiesce is not None else contextlib.nullcontext()
         with ctx, self._lock:
             held = time.perf_counter()
-            self._check_open()
-            for m in ms:
-                if m.state != MappingState.PREPARED:
-                    raise errors.InvalidState(f"mapping {m.id} left the prepared state")
-                self._check_startable(m)
-            # writes since prepare: the instant holds exactly what the host saw, durably
-            self._commit()
-            for m in ms:
-                s = self._vols[m.source]
-                if s in self._host_dirty:
-                    self._io.fdatasync(self._fd(s))
-                    self._host_dirty.discard(s)
-            now = time.time()
-            truncate: list[Vol] = []
-            for m in ms:
-                truncate += self._insert_target(m, now)
-            if group is not None:
-                group.start_time = now
-                self._dirty_group(group)
-            self._commit()  # I6: every target, mapping and link of the start in one transaction
-            for t in truncate:  # drop the old data only once no committed bitmap vouches for it (I4)
-                self._io.truncate(self._fd(t), 0)
-                self._io.truncate(self._fd(t), t.size)
-            self._work.notify_all()
+            self._start_prepared(ms, group)
             self.last_start_hold = time.perf_counter() - held
+
+    def _start_prepared(self, ms: list[Map], group: Group | None) -> None:
+        """The instant itself, lock held: prepared mappings join their cascades in one transaction."""
+        self._check_open()
+        for m in ms:
+            if m.state != MappingState.PREPARED:
+                raise errors.InvalidState(f"mapping {m.id} left the prepared state")
+            self._check_startable(m)
+        # writes since prepare: the instant holds exactly what the host saw, durably
+        self._commit()
+        for m in ms:
+            s = self._vols[m.source]
+            if s in self._host_dirty:
+                self._io.fdatasync(self._fd(s))
+                self._host_dirty.discard(s)
+        now = time.time()
+        truncate: list[Vol] = []
+        for m in ms:
+            truncate += self._insert_target(m, now)
+        if group is not None:
+            group.start_time = now
+            self._dirty_group(group)
+        self._commit()  # I6: every target, mapping and link of the start in one transaction
+        for t in truncate:  # drop the old data only once no committed bitmap vouches for it (I4)
+            self._io.truncate(self._fd(t), 0)
+            self._io.truncate(self._fd(t), t.size)
+        self._work.notify_all()
 
     # ------------------------------------------------------------------ stop, complete, delete
 
@@ -311,43 +315,13 @@ class Mappings(Volumes):
         All or nothing. The start runs without the caller holding the engine lock: its prepare syncs data with
         the lock released and its quiesce hook (a filesystem freeze) writes through the engine.
         """
-        check_rate("copy_rate", copy_rate)
-        check_rate("clean_rate", clean_rate)
-        for it in items:
-            if not isinstance(it, CopyItem):
-                raise TypeError(f"copy items are CopyItem records, got {type(it).__name__}")
-        names = [it.name for it in items]
-        if len(set(names)) != len(names):
-            raise errors.InvalidArgument("target names must be distinct")
         new_vols: list[Vol] = []
         new_maps: list[Map] = []
         group: Group | None = None
         try:
             with self._lock:
-                self._check_open()
-                if group_name is not None:
-                    self._check_name(group_name)
-                    if any(g.name == group_name for g in self._groups.values()):
-                        raise errors.AlreadyExists(f"a group named {group_name!r} exists")
-                    group = Group(self._new_id("grp"), next(self._seq), group_name)
-                for it in items:
-                    s = self._vol(it.source_id)
-                    if s.offline:
-                        raise errors.InvalidState(f"source {s.id} is offline: {s.offline}")
-                    tsize = s.size if size is None else size
-                    if tsize < s.size:
-                        raise errors.OutOfRange(f"requested size {tsize} is smaller than source {s.id} ({s.size})")
-                    t = self._new_volume(it.name, tsize, s.grain, it.attrs, it.volume_id)
-                    new_vols.append(t)
-                    self._vols[t.id] = t
-                    m = Map(self._new_id("map"), next(self._seq), t.id, s.id, t.id, s.grain)
-                    m.copy_rate, m.clean_rate, m.autodelete = copy_rate, clean_rate, autodelete
-                    m.group_id = group.id if group else None
-                    new_maps.append(m)
-                    self._maps[m.id] = m
-                    self._feeds = None
-                if group is not None:
-                    self._groups[group.id] = group
+                group = self._new_copy_set(items, group_name, copy_rate, clean_rate, autodelete, size,
+                                           new_vols, new_maps)
             # the new rows reach disk in the start's own commit: a crash leaves all of it or none
             self._start(new_maps, quiesce, group)
         except BaseException:
@@ -359,6 +333,45 @@ class Mappings(Volumes):
             if autodelete:
                 self._work.notify_all()
             return (self._ginfo(group) if group else None), pairs
+
+    def _new_copy_set(self, items: Sequence[CopyItem], group_name: str | None, copy_rate: int, clean_rate: int,
+                      autodelete: bool, size: int | None, new_vols: list[Vol], new_maps: list[Map]) -> Group | None:
+        """Targets and mappings (and the group) in memory only, appended to new_vols/new_maps as they are
+        made so that `_forget_new` undoes a partial set. Lock held."""
+        check_rate("copy_rate", copy_rate)
+        check_rate("clean_rate", clean_rate)
+        for it in items:
+            if not isinstance(it, CopyItem):
+                raise TypeError(f"copy items are CopyItem records, got {type(it).__name__}")
+        names = [it.name for it in items]
+        if len(set(names)) != len(names):
+            raise errors.InvalidArgument("target names must be distinct")
+        self._check_open()
+        group: Group | None = None
+        if group_name is not None:
+            self._check_name(group_name)
+            if any(g.name == group_name for g in self._groups.values()):
+                raise errors.AlreadyExists(f"a group named {group_name!r} exists")
+            group = Group(self._new_id("grp"), next(self._seq), group_name)
+        for it in items:
+            s = self._vol(it.source_id)
+            if s.offline:
+                raise errors.InvalidState(f"source {s.id} is offline: {s.offline}")
+            tsize = s.size if size is None else size
+            if tsize < s.size:
+                raise errors.OutOfRange(f"requested size {tsize} is smaller than source {s.id} ({s.size})")
+            t = self._new_volume(it.name, tsize, s.grain, it.attrs, it.volume_id)
+            new_vols.append(t)
+            self._vols[t.id] = t
+            m = Map(self._new_id("map"), next(self._seq), t.id, s.id, t.id, s.grain)
+            m.copy_rate, m.clean_rate, m.autodelete = copy_rate, clean_rate, autodelete
+            m.group_id = group.id if group else None
+            new_maps.append(m)
+            self._maps[m.id] = m
+            self._feeds = None
+        if group is not None:
+            self._groups[group.id] = group
+        return group
 
     def _forget_new(self, new_vols: list[Vol], new_maps: list[Map], group: Group | None) -> None:
         """Undo a failed _copy_set, in memory and (if a commit already wrote any of it) on disk."""

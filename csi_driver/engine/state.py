@@ -134,6 +134,10 @@ class EngineState:
     #: the one engine lock (re-entrant); `_work` is its condition, notified when background work may exist
     _lock: threading.RLock
     _work: threading.Condition
+    #: volumes whose host writes wait (a group start's prepare phase, `groups.GroupStart`): id -> holders;
+    #: `_gate` is the lock's condition notified when a hold ends
+    _held: dict[str, int]
+    _gate: threading.Condition
     _closed: bool
     _vols: dict[str, Vol]
     _maps: dict[str, Map]

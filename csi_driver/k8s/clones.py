@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, TypeVar
 
+from csi_driver.k8s import apiclient
+
 MANAGED_BY = ("app.kubernetes.io/managed-by", "csi-flashcopy-clone")
 SNAPSHOT_ANNOTATION = "flashcopy.csi.dev/clone-snapshot"
 SOURCE_ANNOTATION = "flashcopy.csi.dev/clone-source"
@@ -78,18 +80,12 @@ def run_clone(args: argparse.Namespace) -> int:
 
 
 def _connect(kubeconfig: str | None) -> Api:
-    from kubernetes import client, config
+    from kubernetes import client
 
     try:
-        api_client = config.new_client_from_config(config_file=kubeconfig)
-    except Exception as e:  # no usable kubeconfig: in a pod, use its ServiceAccount
-        if kubeconfig:
-            raise CloneError(f"cannot load kubeconfig {kubeconfig}: {e}") from None
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            raise CloneError(f"no kubeconfig found and not in a cluster: {e}") from None
-        api_client = client.ApiClient()
+        api_client = apiclient.api_client(kubeconfig)
+    except apiclient.ApiUnreachable as e:
+        raise CloneError(str(e)) from None
     return Api(client.CoreV1Api(api_client), client.StorageV1Api(api_client), client.CustomObjectsApi(api_client))
 
 

@@ -226,6 +226,38 @@ class DeleteGroupRequest(_message.Message):
     group_name: str
     def __init__(self, group_name: _Optional[str] = ...) -> None: ...
 
+class PrepareGroupRequest(_message.Message):
+    __slots__ = ("group_name", "items", "copy_rate", "watchdog_ms")
+    GROUP_NAME_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    COPY_RATE_FIELD_NUMBER: _ClassVar[int]
+    WATCHDOG_MS_FIELD_NUMBER: _ClassVar[int]
+    group_name: str
+    items: _containers.RepeatedCompositeFieldContainer[SnapshotItem]
+    copy_rate: int
+    watchdog_ms: int
+    def __init__(self, group_name: _Optional[str] = ..., items: _Optional[_Iterable[_Union[SnapshotItem, _Mapping]]] = ..., copy_rate: _Optional[int] = ..., watchdog_ms: _Optional[int] = ...) -> None: ...
+
+class GroupPhaseRequest(_message.Message):
+    __slots__ = ("group_name",)
+    GROUP_NAME_FIELD_NUMBER: _ClassVar[int]
+    group_name: str
+    def __init__(self, group_name: _Optional[str] = ...) -> None: ...
+
+class ReleaseGroupRequest(_message.Message):
+    __slots__ = ("group_name", "abort")
+    GROUP_NAME_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
+    group_name: str
+    abort: bool
+    def __init__(self, group_name: _Optional[str] = ..., abort: _Optional[bool] = ...) -> None: ...
+
+class ReleaseGroupResponse(_message.Message):
+    __slots__ = ("hold_seconds",)
+    HOLD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    hold_seconds: float
+    def __init__(self, hold_seconds: _Optional[float] = ...) -> None: ...
+
 class NodeStageRequest(_message.Message):
     __slots__ = ("volume_id", "staging_path", "block", "fs_type", "mount_flags", "read_only")
     VOLUME_ID_FIELD_NUMBER: _ClassVar[int]

@@ -94,6 +94,21 @@ class EngineStub:
                 request_serializer=csi__driver_dot_proto__gen_dot_engine__pb2.DeleteGroupRequest.SerializeToString,
                 response_deserializer=csi__driver_dot_proto__gen_dot_engine__pb2.Empty.FromString,
                 _registered_method=True)
+        self.PrepareGroup = channel.unary_unary(
+                '/flashcopy.engine.v1.Engine/PrepareGroup',
+                request_serializer=csi__driver_dot_proto__gen_dot_engine__pb2.PrepareGroupRequest.SerializeToString,
+                response_deserializer=csi__driver_dot_proto__gen_dot_engine__pb2.Empty.FromString,
+                _registered_method=True)
+        self.StartGroup = channel.unary_unary(
+                '/flashcopy.engine.v1.Engine/StartGroup',
+                request_serializer=csi__driver_dot_proto__gen_dot_engine__pb2.GroupPhaseRequest.SerializeToString,
+                response_deserializer=csi__driver_dot_proto__gen_dot_engine__pb2.VolumesResponse.FromString,
+                _registered_method=True)
+        self.ReleaseGroup = channel.unary_unary(
+                '/flashcopy.engine.v1.Engine/ReleaseGroup',
+                request_serializer=csi__driver_dot_proto__gen_dot_engine__pb2.ReleaseGroupRequest.SerializeToString,
+                response_deserializer=csi__driver_dot_proto__gen_dot_engine__pb2.ReleaseGroupResponse.FromString,
+                _registered_method=True)
         self.NodeStage = channel.unary_unary(
                 '/flashcopy.engine.v1.Engine/NodeStage',
                 request_serializer=csi__driver_dot_proto__gen_dot_engine__pb2.NodeStageRequest.SerializeToString,
@@ -203,6 +218,28 @@ class EngineServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PrepareGroup(self, request, context):
+        """A group snapshot whose members live on several nodes, in FlashCopy's phases, driven by a controller:
+        PrepareGroup makes this node's members, syncs and quiesces their sources and holds host writes to them;
+        StartGroup is the instant; ReleaseGroup lets the writes go on (abort: after removing what was made). A node
+        that hears nothing for watchdog_ms after a phase aborts (before the start) or releases (after) by itself.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartGroup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseGroup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def NodeStage(self, request, context):
         """Node data path (loop device on the FUSE export, filesystem, bind mounts), all idempotent.
         """
@@ -302,6 +339,21 @@ def add_EngineServicer_to_server(servicer, server):
                     servicer.DeleteGroup,
                     request_deserializer=csi__driver_dot_proto__gen_dot_engine__pb2.DeleteGroupRequest.FromString,
                     response_serializer=csi__driver_dot_proto__gen_dot_engine__pb2.Empty.SerializeToString,
+            ),
+            'PrepareGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.PrepareGroup,
+                    request_deserializer=csi__driver_dot_proto__gen_dot_engine__pb2.PrepareGroupRequest.FromString,
+                    response_serializer=csi__driver_dot_proto__gen_dot_engine__pb2.Empty.SerializeToString,
+            ),
+            'StartGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartGroup,
+                    request_deserializer=csi__driver_dot_proto__gen_dot_engine__pb2.GroupPhaseRequest.FromString,
+                    response_serializer=csi__driver_dot_proto__gen_dot_engine__pb2.VolumesResponse.SerializeToString,
+            ),
+            'ReleaseGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseGroup,
+                    request_deserializer=csi__driver_dot_proto__gen_dot_engine__pb2.ReleaseGroupRequest.FromString,
+                    response_serializer=csi__driver_dot_proto__gen_dot_engine__pb2.ReleaseGroupResponse.SerializeToString,
             ),
             'NodeStage': grpc.unary_unary_rpc_method_handler(
                     servicer.NodeStage,
@@ -658,6 +710,87 @@ class Engine:
             '/flashcopy.engine.v1.Engine/DeleteGroup',
             csi__driver_dot_proto__gen_dot_engine__pb2.DeleteGroupRequest.SerializeToString,
             csi__driver_dot_proto__gen_dot_engine__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PrepareGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flashcopy.engine.v1.Engine/PrepareGroup',
+            csi__driver_dot_proto__gen_dot_engine__pb2.PrepareGroupRequest.SerializeToString,
+            csi__driver_dot_proto__gen_dot_engine__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flashcopy.engine.v1.Engine/StartGroup',
+            csi__driver_dot_proto__gen_dot_engine__pb2.GroupPhaseRequest.SerializeToString,
+            csi__driver_dot_proto__gen_dot_engine__pb2.VolumesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flashcopy.engine.v1.Engine/ReleaseGroup',
+            csi__driver_dot_proto__gen_dot_engine__pb2.ReleaseGroupRequest.SerializeToString,
+            csi__driver_dot_proto__gen_dot_engine__pb2.ReleaseGroupResponse.FromString,
             options,
             channel_credentials,
             insecure,

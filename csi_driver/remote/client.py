@@ -14,10 +14,11 @@ from typing import Any
 
 import grpc
 
-from csi_driver.api import NodeStats, SnapshotItem, Volume
+from csi_driver.api import NodeInfo, NodeStats, SnapshotItem, Volume
 from csi_driver.proto_gen import engine_pb2 as pb
 from csi_driver.proto_gen import engine_pb2_grpc as pb_grpc
 from csi_driver.remote import wire
+from csi_driver.remote.tls import TlsFiles, channel_options
 from csi_driver.remote.wire import to_stats, to_volume
 from csi_driver.sockets import unix_socket_path
 
@@ -25,7 +26,7 @@ PING_TIMEOUT = 2.0
 CALL_TIMEOUT = 120.0  # controller-side calls: metadata only, a snapshot waits for a bounded freeze
 NODE_TIMEOUT = 900.0  # mkfs, resize2fs of a large volume
 
-CHANNEL_OPTIONS = [
+CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
     # reconnect quickly once a restarted engine process listens again
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
@@ -36,10 +37,19 @@ CHANNEL_OPTIONS = [
 class RemoteBackend:
     """Backend + NodeBackend of the node engine process at a unix endpoint. Thread-safe (one channel)."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, *, tls: TlsFiles | None = None, node_id: str = "") -> None:
+        """endpoint: unix:///path (this node's engine), or HOST:PORT of another node's engine with tls (the
+        engine API between nodes is mutual TLS only). node_id: the node it serves, "" = this one."""
         self.endpoint = endpoint
-        self._channel = grpc.insecure_channel(f"unix:{unix_socket_path(endpoint, 'engine endpoint')}",
-                                              options=CHANNEL_OPTIONS)
+        self.node_id = node_id
+        if endpoint.startswith("unix:"):
+            self._channel = grpc.insecure_channel(f"unix:{unix_socket_path(endpoint, 'engine endpoint')}",
+                                                  options=CHANNEL_OPTIONS)
+        else:
+            if tls is None:
+                raise ValueError(f"engine endpoint {endpoint!r} is TCP: it needs TLS files (--tls-dir)")
+            self._channel = grpc.secure_channel(endpoint, tls.channel_credentials(),
+                                                options=CHANNEL_OPTIONS + channel_options())
         self._stub = pb_grpc.EngineStub(self._channel)
         self._closed = False
 
@@ -75,6 +85,13 @@ class RemoteBackend:
     def capacity(self) -> tuple[int, int]:
         r = self._call("Capacity", pb.CapacityRequest())
         return r.total_bytes, r.free_bytes
+
+    def nodes(self) -> list[NodeInfo]:
+        try:
+            total, free = self.capacity()
+        except wire.EngineUnavailable as e:
+            return [NodeInfo(id=self.node_id, live=False, detail=str(e))]
+        return [NodeInfo(id=self.node_id, live=True, total_bytes=total, free_bytes=free)]
 
     def create_volume(self, name: str, size: int, *, grain_size: int, attrs: Mapping[str, str],
                       volume_id: str | None = None) -> Volume:
@@ -118,6 +135,23 @@ class RemoteBackend:
 
     def delete_group(self, group_name: str) -> None:
         self._call("DeleteGroup", pb.DeleteGroupRequest(group_name=group_name))
+
+    # -- group start in phases (remote.cluster drives them across nodes)
+
+    def prepare_group(self, group_name: str, items: Sequence[SnapshotItem], *, copy_rate: int,
+                      watchdog: float, timeout: float = CALL_TIMEOUT) -> None:
+        self._call("PrepareGroup", pb.PrepareGroupRequest(
+            group_name=group_name, copy_rate=copy_rate, watchdog_ms=int(watchdog * 1000), items=[
+                pb.SnapshotItem(source_id=it.source_id, name=it.name, attrs=dict(it.attrs), volume_id=it.volume_id)
+                for it in items]), timeout)
+
+    def start_group(self, group_name: str, timeout: float = CALL_TIMEOUT) -> list[Volume]:
+        r = self._call("StartGroup", pb.GroupPhaseRequest(group_name=group_name), timeout)
+        return [to_volume(v) for v in r.volumes]
+
+    def release_group(self, group_name: str, *, abort: bool, timeout: float = CALL_TIMEOUT) -> float:
+        r = self._call("ReleaseGroup", pb.ReleaseGroupRequest(group_name=group_name, abort=abort), timeout)
+        return float(r.hold_seconds)
 
     # -- NodeBackend
 

@@ -37,11 +37,12 @@ _SPAWN = (
 )
 
 
-def engine_argv(state_dir: str, endpoint: str) -> list[str]:
-    return [sys.executable, "-m", "csi_driver", "engine", "--state-dir", state_dir, "--endpoint", endpoint]
+def engine_argv(state_dir: str, endpoint: str, extra_args: list[str] | None = None) -> list[str]:
+    return [sys.executable, "-m", "csi_driver", "engine", "--state-dir", state_dir, "--endpoint", endpoint,
+            *(extra_args or [])]
 
 
-def spawn_engine(state_dir: str, endpoint: str) -> int:
+def spawn_engine(state_dir: str, endpoint: str, extra_args: list[str] | None = None) -> int:
     """Start a detached `csi-flashcopy engine`; returns its pid (it may still fail, e.g. state dir busy)."""
     os.makedirs(state_dir, exist_ok=True)
     env = dict(os.environ)
@@ -49,7 +50,7 @@ def spawn_engine(state_dir: str, endpoint: str) -> int:
     pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     with open(os.path.join(state_dir, "engine.log"), "ab") as out:
-        res = subprocess.run([sys.executable, "-c", _SPAWN, *engine_argv(state_dir, endpoint)],
+        res = subprocess.run([sys.executable, "-c", _SPAWN, *engine_argv(state_dir, endpoint, extra_args)],
                              stdout=subprocess.PIPE, stderr=out, env=env, cwd="/", check=True, timeout=60)
     # the engine writes stdout and stderr to the log; the pipe we read is the intermediate's alone
     return int(res.stdout.split()[0])
@@ -79,14 +80,14 @@ class StartedEngine:
         return False
 
 
-def ensure_engine(state_dir: str, endpoint: str, *, timeout: float = START_TIMEOUT
-                  ) -> tuple[RemoteBackend, StartedEngine | None]:
+def ensure_engine(state_dir: str, endpoint: str, *, timeout: float = START_TIMEOUT,
+                  extra_args: list[str] | None = None) -> tuple[RemoteBackend, StartedEngine | None]:
     """A RemoteBackend of the engine at endpoint, starting the engine first when none answers; the second
     value is the engine started here (None when one was running already)."""
     backend = RemoteBackend(endpoint)
     if backend.is_ready():
         return backend, None
-    pid = spawn_engine(state_dir, endpoint)
+    pid = spawn_engine(state_dir, endpoint, extra_args)
     log.info("started the node engine process", extra={"fields": {"pid": pid, "endpoint": endpoint,
                                                                    "log": os.path.join(state_dir, "engine.log")}})
     deadline = time.monotonic() + timeout

@@ -38,10 +38,13 @@ from csi_driver.api import SnapshotItem
 from csi_driver.datapath import DataPath, privileged
 from csi_driver.embedded import EmbeddedBackend
 from csi_driver.engine import Engine, errors
+from csi_driver.k8s.apiclient import ApiUnreachable, api_client
+from csi_driver.k8s.leases import LeaseKeeper
 from csi_driver.logs import configure_logging
 from csi_driver.proto_gen import engine_pb2 as pb
 from csi_driver.proto_gen import engine_pb2_grpc as pb_grpc
 from csi_driver.remote import wire
+from csi_driver.remote.tls import TlsFiles
 from csi_driver.remote.wire import stats_msg, volume_msg
 from csi_driver.sockets import bind, unix_endpoint, unix_socket_path
 
@@ -50,6 +53,8 @@ log = logging.getLogger("csi_flashcopy.engine")
 LOCK_WAIT_SECONDS = 30.0  # a predecessor (rolling restart) may still be flushing
 GRACE_SECONDS = 10.0
 MAX_WORKERS = 16
+WATCHDOG_SECONDS = 5.0  # a prepared group start nobody finishes is aborted after this
+MAX_WATCHDOG_SECONDS = 30.0  # bound on what a coordinator may ask: host writes wait that long at most
 
 T = TypeVar("T")
 
@@ -145,6 +150,24 @@ class EngineService(pb_grpc.EngineServicer):
         self._do(context, "DeleteGroup", lambda: self.b.delete_group(request.group_name))
         return pb.Empty()
 
+    def PrepareGroup(self, request: pb.PrepareGroupRequest, context: grpc.ServicerContext) -> pb.Empty:
+        items = [SnapshotItem(source_id=it.source_id, name=it.name, attrs=dict(it.attrs),
+                              volume_id=_opt(it, "volume_id")) for it in request.items]
+        watchdog = request.watchdog_ms / 1000 if request.watchdog_ms > 0 else WATCHDOG_SECONDS
+        self._do(context, "PrepareGroup", lambda: self.b.prepare_group(
+            request.group_name, items, copy_rate=request.copy_rate, watchdog=min(watchdog, MAX_WATCHDOG_SECONDS)))
+        return pb.Empty()
+
+    def StartGroup(self, request: pb.GroupPhaseRequest, context: grpc.ServicerContext) -> pb.VolumesResponse:
+        vs = self._do(context, "StartGroup", lambda: self.b.start_group(request.group_name))
+        return pb.VolumesResponse(volumes=[volume_msg(v) for v in vs])
+
+    def ReleaseGroup(self, request: pb.ReleaseGroupRequest, context: grpc.ServicerContext
+                     ) -> pb.ReleaseGroupResponse:
+        held = self._do(context, "ReleaseGroup", lambda: self.b.release_group(request.group_name,
+                                                                               abort=request.abort))
+        return pb.ReleaseGroupResponse(hold_seconds=held)
+
     # -- node data path
 
     def NodeStage(self, request: pb.NodeStageRequest, context: grpc.ServicerContext) -> pb.Empty:
@@ -212,6 +235,14 @@ def run_engine(args: argparse.Namespace) -> int:
     except ValueError as e:
         log.error("cannot serve", extra={"fields": {"error": str(e)}})
         return 2
+    listen = getattr(args, "listen", "") or ""
+    tls: TlsFiles | None = None
+    if listen:
+        try:
+            tls = TlsFiles.load(getattr(args, "tls_dir", "") or "")
+        except ValueError as e:  # no TCP listener without TLS
+            log.error("cannot serve --listen", extra={"fields": {"listen": listen, "error": str(e)}})
+            return 2
     os.makedirs(state_dir, exist_ok=True)
     stop = threading.Event()
     with _signals(stop):
@@ -239,19 +270,58 @@ def run_engine(args: argparse.Namespace) -> int:
             datapath.stop()
             engine.close()
             return 1
+        if listen and tls is not None and not _add_tls_port(server, listen, tls):
+            server.stop(None)
+            datapath.stop()
+            engine.close()
+            return 1
         server.start()
         os.chmod(path, 0o600)
         staged = datapath.staged()
         log.info("engine serving", extra={"fields": {
-            "endpoint": endpoint, "state_dir": state_dir, "pid": os.getpid(), "version": __version__,
-            "readopted": ",".join(r.volume_id for r in staged) or "-"}})
+            "endpoint": endpoint, "listen": listen or "-", "state_dir": state_dir, "pid": os.getpid(),
+            "version": __version__, "readopted": ",".join(r.volume_id for r in staged) or "-"}})
+        keeper = _lease_keeper(args, listen)
         while not stop.wait(1.0):
             pass
+        if keeper is not None:
+            keeper.stop(delete=True)  # controllers see this node down at once, not after the Lease expires
         log.info("shutting down: draining in-flight calls")
         server.stop(GRACE_SECONDS).wait()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
     return _shutdown(engine, datapath)
+
+
+def _add_tls_port(server: grpc.Server, listen: str, tls: TlsFiles) -> bool:
+    """The engine API for other nodes' controllers: mutual TLS, a client certificate from the CA required."""
+    try:
+        port = server.add_secure_port(listen, tls.server_credentials())
+    except RuntimeError as e:
+        port, why = 0, str(e)
+    else:
+        why = "address in use or not local"
+    if not port:
+        log.error("cannot listen", extra={"fields": {"listen": listen, "error": why}})
+        return False
+    return True
+
+
+def _lease_keeper(args: argparse.Namespace, listen: str) -> LeaseKeeper | None:
+    """The node's Lease (discovery and liveness for controllers), when serving other nodes in a cluster."""
+    namespace = getattr(args, "namespace", "") or ""
+    if not (listen and namespace):
+        return None
+    address = getattr(args, "advertise_address", "") or listen
+    try:
+        keeper = LeaseKeeper(api_client(getattr(args, "kubeconfig", "") or None), namespace, args.node_id, address)
+    except ApiUnreachable as e:
+        log.error("no Kubernetes API: controllers cannot find this engine", extra={"fields": {"error": str(e)}})
+        return None
+    keeper.start()
+    log.info("keeping the engine Lease", extra={"fields": {"lease": f"{namespace}/{args.node_id}",
+                                                           "address": address}})
+    return keeper
 
 
 def _shutdown(engine: Engine, datapath: DataPath) -> int:

@@ -82,7 +82,7 @@ def test_create_volume_shape_and_idempotency(server: CsiServer) -> None:
     )
     v1 = server.controller.CreateVolume(req).volume
     assert v1.capacity_bytes == 100 * MiB + 64 * 1024  # rounded up to the 64 KiB grain
-    assert v1.volume_id.startswith("vol-")
+    assert v1.volume_id.startswith(f"{NODE_ID}.vol-")  # ids name the node holding the volume
     assert [dict(t.segments) for t in v1.accessible_topology] == [{TOPOLOGY_KEY: NODE_ID}]
     assert v1.volume_context["grainSize"] == str(64 * 1024)
     assert not v1.HasField("content_source")
@@ -313,7 +313,7 @@ def test_list_volumes_paging(server: CsiServer) -> None:
     full = server.controller.ListVolumes(csi_pb2.ListVolumesRequest())
     assert [e.volume.volume_id for e in full.entries] == seen and not full.next_token
     # snapshots are not volumes
-    assert all(not e.volume.volume_id.startswith("snap-") for e in full.entries)
+    assert all(".snap-" not in e.volume.volume_id for e in full.entries)
     # a token stays valid when the last entry of its page is deleted meanwhile
     first = server.controller.ListVolumes(csi_pb2.ListVolumesRequest(max_entries=2))
     server.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=first.entries[-1].volume.volume_id))
@@ -333,7 +333,7 @@ def test_snapshot_rules(server: CsiServer) -> None:
     v2 = server.create_volume(uniq("sv2"))
     name = uniq("snap")
     s = server.create_snapshot(name, v1.volume_id)
-    assert s.snapshot_id.startswith("snap-") and s.ready_to_use and s.creation_time.seconds > 0
+    assert s.snapshot_id.startswith(f"{NODE_ID}.snap-") and s.ready_to_use and s.creation_time.seconds > 0
     assert not s.group_snapshot_id
     assert server.create_snapshot(name, v1.volume_id) == s  # idempotent
     assert rpc_code(server.controller.CreateSnapshot,
