@@ -37,11 +37,14 @@ CHANNEL_OPTIONS: list[tuple[str, int | str]] = [
 class RemoteBackend:
     """Backend + NodeBackend of the node engine process at a unix endpoint. Thread-safe (one channel)."""
 
-    def __init__(self, endpoint: str, *, tls: TlsFiles | None = None, node_id: str = "") -> None:
+    def __init__(self, endpoint: str, *, tls: TlsFiles | None = None, node_id: str = "",
+                 read_timeout: float = CALL_TIMEOUT) -> None:
         """endpoint: unix:///path (this node's engine), or HOST:PORT of another node's engine with tls (the
-        engine API between nodes is mutual TLS only). node_id: the node it serves, "" = this one."""
+        engine API between nodes is mutual TLS only). node_id: the node it serves, "" = this one.
+        read_timeout: for the metadata reads (lookups, listings, capacity), which never wait for I/O."""
         self.endpoint = endpoint
         self.node_id = node_id
+        self.read_timeout = read_timeout
         if endpoint.startswith("unix:"):
             self._channel = grpc.insecure_channel(f"unix:{unix_socket_path(endpoint, 'engine endpoint')}",
                                                   options=CHANNEL_OPTIONS)
@@ -83,7 +86,7 @@ class RemoteBackend:
     # -- Backend
 
     def capacity(self) -> tuple[int, int]:
-        r = self._call("Capacity", pb.CapacityRequest())
+        r = self._call("Capacity", pb.CapacityRequest(), self.read_timeout)
         return r.total_bytes, r.free_bytes
 
     def nodes(self) -> list[NodeInfo]:
@@ -99,14 +102,14 @@ class RemoteBackend:
             name=name, size=size, grain_size=grain_size, attrs=dict(attrs), volume_id=volume_id)).volume)
 
     def get_volume(self, volume_id: str) -> Volume:
-        return to_volume(self._call("GetVolume", pb.GetVolumeRequest(volume_id=volume_id)).volume)
+        return to_volume(self._call("GetVolume", pb.GetVolumeRequest(volume_id=volume_id), self.read_timeout).volume)
 
     def find_volume(self, name: str) -> Volume | None:
-        r = self._call("FindVolume", pb.FindVolumeRequest(name=name))
+        r = self._call("FindVolume", pb.FindVolumeRequest(name=name), self.read_timeout)
         return to_volume(r.volume) if r.HasField("volume") else None
 
     def find_volumes(self, attrs: Mapping[str, str]) -> list[Volume]:
-        r = self._call("FindVolumes", pb.FindVolumesRequest(attrs=dict(attrs)))
+        r = self._call("FindVolumes", pb.FindVolumesRequest(attrs=dict(attrs)), self.read_timeout)
         return [to_volume(v) for v in r.volumes]
 
     def delete_volume(self, volume_id: str) -> None:

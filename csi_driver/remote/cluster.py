@@ -37,6 +37,8 @@ T = TypeVar("T")
 WATCHDOG = 5.0
 #: per phase call; a freeze of many filesystems is bounded by the node's own freeze limit
 PHASE_TIMEOUT = 30.0
+#: metadata reads of one node (lookups, listings): a node that hangs must not hold up the others for long
+READ_TIMEOUT = 10.0
 
 
 class Endpoint(Protocol):
@@ -91,7 +93,7 @@ class ClusterBackend:
             if c is None or c.endpoint != ep.address:
                 if c is not None:
                     c.close()  # the node's engine moved (a new pod IP)
-                c = RemoteBackend(ep.address, tls=self._tls, node_id=ep.node)
+                c = RemoteBackend(ep.address, tls=self._tls, node_id=ep.node, read_timeout=READ_TIMEOUT)
                 self._clients[ep.node] = c
             return c
 
@@ -256,7 +258,10 @@ class ClusterBackend:
         if err is None:
             started = each(lambda key, c: c.start_group(group_name, timeout=WATCHDOG))
             err = failure(started)
-        released = each(lambda key, c: c.release_group(group_name, abort=err is not None, timeout=PHASE_TIMEOUT))
+        answered = {k for k, r in prepared.items() if not isinstance(r, BaseException)}
+        # a node that did not answer the prepare gets a short release: its own watchdog aborts it anyway
+        released = each(lambda key, c: c.release_group(group_name, abort=err is not None,
+                                                       timeout=PHASE_TIMEOUT if key in answered else WATCHDOG))
         holds = [h for h in released.values() if isinstance(h, float)]
         self.last_group_hold = max(holds, default=0.0)
         log.info("group snapshot across nodes", extra={"fields": {

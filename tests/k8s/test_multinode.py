@@ -331,7 +331,7 @@ def _csi_volume(mn: MultiNode, name: str, node: str) -> str:
     return mn.csi()[0].CreateVolume(req, timeout=30).volume.volume_id
 
 
-def _member_counts(mn: MultiNode) -> dict[str, int]:
+def _member_counts(mn: MultiNode, group: str = "g-dead") -> dict[str, int]:
     from csi_driver.remote.client import RemoteBackend
 
     out = {}
@@ -340,7 +340,7 @@ def _member_counts(mn: MultiNode) -> dict[str, int]:
             continue
         b = RemoteBackend(e.sock)
         try:
-            out[n] = len(b.find_volumes({"csi.kind": "snapshot", "csi.groupName": "g-dead"}))
+            out[n] = len(b.find_volumes({"csi.kind": "snapshot", "csi.groupName": group}))
         finally:
             b.close()
     return out
@@ -406,3 +406,125 @@ def test_controller_restart_loses_nothing(mn: MultiNode) -> None:
             return None
 
     wait_for(lambda: listed() == before, timeout=WAIT, what="the same volumes after a controller restart")
+
+
+class Staged:
+    """A volume staged and published as a raw block device on its node, through that node's engine."""
+
+    def __init__(self, mn: MultiNode, node: str, volume_id: str) -> None:
+        from csi_driver.remote.client import RemoteBackend
+
+        self.b = RemoteBackend(mn.engines[node].sock)
+        self.vid = volume_id
+        work = mn.root / "paths" / volume_id
+        self.staging, self.target = work / "staging", work / "target"
+        self.staging.mkdir(parents=True, exist_ok=True)
+        self.b.node_stage(volume_id, str(self.staging), block=True, fs_type="", mount_flags=[], read_only=False)
+        self.b.node_publish(volume_id, str(self.staging), str(self.target), block=True, read_only=False,
+                            mount_flags=[])
+        self.fd = os.open(self.target, os.O_RDWR)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.b.node_unpublish(self.vid, str(self.target))
+        self.b.node_unstage(self.vid, str(self.staging))
+        self.b.close()
+
+
+def _from_snapshot(mn: MultiNode, name: str, snapshot_id: str, node: str) -> str:
+    from csi_driver.proto_gen import csi_pb2
+
+    cap = csi_pb2.VolumeCapability(block=csi_pb2.VolumeCapability.BlockVolume(),
+                                   access_mode=csi_pb2.VolumeCapability.AccessMode(mode=1))
+    req = csi_pb2.CreateVolumeRequest(name=name, volume_capabilities=[cap],
+                                      capacity_range=csi_pb2.CapacityRange(required_bytes=8 * MiB))
+    req.volume_content_source.snapshot.snapshot_id = snapshot_id
+    req.accessibility_requirements.requisite.add().segments[KEY] = node
+    return mn.csi()[0].CreateVolume(req, timeout=30).volume.volume_id
+
+
+def test_group_snapshot_under_a_dependent_write_chain_restores_a_prefix(mn: MultiNode) -> None:
+    """Write k goes to node k % 3 only after write k-1 (on the previous node) has completed, flushed; the
+    group snapshot is taken meanwhile. The restored three volumes must hold exactly writes 0..K-1."""
+    import struct
+    import threading
+
+    from csi_driver.proto_gen import csi_pb2
+
+    vols = {n: _csi_volume(mn, f"chain-{n}", n) for n in NODES}
+    devs = [Staged(mn, n, vols[n]) for n in NODES]
+    stop, written = threading.Event(), [0]
+
+    def writer() -> None:
+        k = 0
+        while not stop.is_set() and k < 3 * 2000:
+            d = devs[k % 3]
+            os.pwrite(d.fd, struct.pack("<Q", k + 1).ljust(4096, b"\xee"), (k // 3) * 4096)
+            os.fsync(d.fd)
+            k += 1
+            written[0] = k
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        wait_for(lambda: written[0] >= 30, timeout=WAIT, what="the chain under way")
+        g = mn.csi()[1].CreateVolumeGroupSnapshot(csi_pb2.CreateVolumeGroupSnapshotRequest(
+            name="g-chain", source_volume_ids=list(vols.values())), timeout=60).group_snapshot
+        wait_for(lambda: written[0] >= 30 + 30, timeout=WAIT, what="the chain going on after the snapshot")
+    finally:
+        stop.set()
+        t.join(30)
+        for d in devs:
+            d.close()
+    by_source = {s.source_volume_id: s.snapshot_id for s in g.snapshots}
+    found: list[int] = []
+    for n in NODES:
+        rid = _from_snapshot(mn, f"chain-restore-{n}", by_source[vols[n]], n)
+        r = Staged(mn, n, rid)
+        try:
+            blocks = os.pread(r.fd, (written[0] // 3 + 1) * 4096, 0)
+        finally:
+            r.close()
+        for i in range(len(blocks) // 4096):
+            (value,) = struct.unpack_from("<Q", blocks, i * 4096)
+            if value:
+                k = value - 1
+                assert k % 3 == NODES.index(n) and k // 3 == i, f"block {i} of {n} holds write {k}"
+                found.append(k)
+    found.sort()
+    assert found and found == list(range(len(found))), f"not a prefix of the chain: {found[:10]}...{found[-10:]}"
+    assert len(found) < written[0], "the snapshot was taken while the chain ran"
+
+
+def test_a_node_that_hangs_in_prepare_leaves_no_member(mn: MultiNode) -> None:
+    """node-c stops answering (SIGSTOP) before the prepare: the group fails, node-a and node-b are released with
+    nothing left, and node-c, once it runs again, aborts the prepare it finds by itself (watchdog)."""
+    from csi_driver.proto_gen import csi_pb2
+
+    vols = [_csi_volume(mn, f"hang-{n}", n) for n in NODES]
+    proc = mn.engines["node-c"].proc
+    assert proc is not None and proc.poll() is None
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            mn.csi()[1].CreateVolumeGroupSnapshot(csi_pb2.CreateVolumeGroupSnapshotRequest(
+                name="g-hang", source_volume_ids=vols), timeout=120)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "node-c" in (e.value.details() or "")
+        assert _member_counts_live(mn, "g-hang", ("node-a", "node-b")) == {"node-a": 0, "node-b": 0}
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    wait_for(lambda: _member_counts(mn, "g-hang").get("node-c") == 0, timeout=WAIT,
+             what="node-c's watchdog aborting the prepare it ran late")
+
+
+def _member_counts_live(mn: MultiNode, group: str, nodes: tuple[str, ...]) -> dict[str, int]:
+    from csi_driver.remote.client import RemoteBackend
+
+    out = {}
+    for n in nodes:
+        b = RemoteBackend(mn.engines[n].sock)
+        try:
+            out[n] = len(b.find_volumes({"csi.kind": "snapshot", "csi.groupName": group}))
+        finally:
+            b.close()
+    return out
