@@ -6,7 +6,11 @@
 
 The chart (charts/csi-flashcopy) is the source; each kustomize directory is one topology rendered with release name
 csi-flashcopy in namespace kube-system, minus the two Helm-only labels (helm.sh/chart, app.kubernetes.io/managed-by).
-tests/packaging/test_consistency.py compares `kubectl kustomize` output with `helm template` as data.
+deploy/kubernetes/kustomization.yaml points at the chart's default topology. The multi-node render uses
+tls.existingSecret=csi-flashcopy-tls: a generated CA and key have no place in the repository, so the Secret is the
+installer's (docs/install.md, "Install with kustomize"). Files of deploy/kubernetes that no variant produces any more
+are removed (and listed by --check).
+tests/packaging/test_packaging_consistency.py compares `kubectl kustomize` output with `helm template` as data.
 Needs helm on PATH (.ci/setup.d/30-k8s-tools.sh installs it).
 """
 
@@ -28,21 +32,27 @@ KUBE_VERSION = "1.34.0"
 # Lines only a Helm render has; everything else is byte-for-byte what helm template prints.
 HELM_ONLY = re.compile(r"^[ \t]*(helm\.sh/chart: .*|app\.kubernetes\.io/managed-by: Helm)\n", re.MULTILINE)
 
+TLS_SECRET = "csi-flashcopy-tls"
 # variant directory -> (chart values, human description)
 VARIANTS: dict[str, tuple[list[str], str]] = {
-    "": ([], "single-node topology (the chart's defaults): controller sidecars inside the node DaemonSet pods"),
     "multi-node": (
-        ["topology=multi-node"],
-        "multi-node topology (PREVIEW: needs controller -> node engine forwarding, not implemented yet)",
+        ["topology=multi-node", f"tls.existingSecret={TLS_SECRET}"],
+        f"multi-node topology, the chart's default; tls.existingSecret={TLS_SECRET}",
+    ),
+    "single-node": (
+        ["topology=single-node"],
+        "single-node topology, for one-node clusters",
     ),
 }
-# template file -> output file; the chart's csidriver.yaml and classes.yaml do not depend on the topology and go to
-# the shared common/ directory.
+DEFAULT_VARIANT = "multi-node"
+# template file -> output file; the chart's classes.yaml does not depend on the topology and goes to the shared
+# common/ directory.
 FILES = {
-    "csidriver.yaml": "common/csidriver.yaml",
+    "csidriver.yaml": "csidriver.yaml",
     "classes.yaml": "common/classes.yaml",
     "serviceaccounts.yaml": "rbac.yaml",
     "rbac.yaml": "rbac.yaml",
+    "tls.yaml": "tls.yaml",
     "node-daemonset.yaml": "node.yaml",
     "controller-deployment.yaml": "controller.yaml",
 }
@@ -77,7 +87,7 @@ def split_by_source(rendered: str) -> dict[str, list[str]]:
 
 def render_variant(variant: str) -> dict[Path, str]:
     sets, desc = VARIANTS[variant]
-    root = OUT / variant if variant else OUT
+    root = OUT / variant
     files: dict[Path, list[str]] = {}
     for template, docs in split_by_source(helm_template(sets)).items():
         if template not in FILES:
@@ -91,9 +101,8 @@ def render_variant(variant: str) -> dict[Path, str]:
         d = "shared by every topology" if common else desc
         out[path] = HEADER.format(desc=d) + "---\n" + "---\n".join(docs)
     resources = sorted(p.name for p in out if p.parent == root)
-    common_rel = "common" if not variant else "../common"
     lines = [HEADER.format(desc=desc), "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"]
-    lines.append("resources:\n" + "".join(f"  - {r}\n" for r in [common_rel, *resources]))
+    lines.append("resources:\n" + "".join(f"  - {r}\n" for r in ["../common", *resources]))
     out[root / "kustomization.yaml"] = "".join(lines)
     return out
 
@@ -112,6 +121,10 @@ def render_all() -> dict[Path, str]:
         + "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n"
         + "".join(f"  - {k}\n" for k in kinds)
     )
+    out[OUT / "kustomization.yaml"] = (
+        HEADER.format(desc=f"the chart's default topology: {DEFAULT_VARIANT}/")
+        + f"apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {DEFAULT_VARIANT}\n"
+    )
     return out
 
 
@@ -121,14 +134,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     wanted = render_all()
     stale = [p for p, text in wanted.items() if not p.exists() or p.read_text() != text]
+    extra = sorted(p for p in OUT.rglob("*.yaml") if p not in wanted)
     if args.check:
         for p in stale:
             print(f"out of date: {p.relative_to(REPO)}")
-        return 1 if stale else 0
+        for p in extra:
+            print(f"not generated any more: {p.relative_to(REPO)}")
+        return 1 if stale or extra else 0
     for p in stale:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(wanted[p])
         print(f"wrote {p.relative_to(REPO)}")
+    for p in extra:
+        p.unlink()
+        print(f"removed {p.relative_to(REPO)}")
     return 0
 
 

@@ -426,6 +426,7 @@ def server_dry_run(cluster: Cluster, namespace: str) -> tuple[int, dict[str, str
 def installed(cluster: Cluster, namespace: str, server_dry_run: Any) -> subprocess.CompletedProcess[str]:
     """`helm install` of the chart, as a user would (every test that needs the driver gets it through this)."""
     r = subprocess.run(["helm", "install", pm.RELEASE, str(pm.CHART), "--namespace", pm.NAMESPACE,
+                        "--set", "topology=single-node",
                         "--kubeconfig", str(cluster.kubeconfig), "--wait=false"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -33,4 +33,4 @@ def renders(helm: str) -> dict[str, list[pm.Obj]]:
 
 @pytest.fixture(scope="session")
 def kustomized(kubectl: str) -> dict[str, list[pm.Obj]]:
-    return {"base": pm.kustomize(pm.KUSTOMIZE_BASE), "multi-node": pm.kustomize(pm.KUSTOMIZE_MULTI)}
+    return {name: pm.kustomize(path) for name, (path, _) in pm.KUSTOMIZE_RENDERS.items()}

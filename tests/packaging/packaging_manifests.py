@@ -14,8 +14,11 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "csi-flashcopy"
-KUSTOMIZE_BASE = REPO / "deploy" / "kubernetes"
+KUSTOMIZE_BASE = REPO / "deploy" / "kubernetes"  # the chart's default topology (multi-node)
 KUSTOMIZE_MULTI = KUSTOMIZE_BASE / "multi-node"
+KUSTOMIZE_SINGLE = KUSTOMIZE_BASE / "single-node"
+# The multi-node kustomize render mounts a Secret the installer creates (deploy/generate.py TLS_SECRET).
+KUSTOMIZE_TLS_SECRET = "csi-flashcopy-tls"
 EXAMPLES = REPO / "deploy" / "examples"
 RELEASE = "csi-flashcopy"
 NAMESPACE = "kube-system"
@@ -25,10 +28,14 @@ PEER_K8S = REPO.parent / "shared" / "peers" / "k8s"
 
 Obj = dict[str, Any]
 
-# Non-default values the chart must render (and lint, validate, keep consistent) as well as the defaults.
+# Non-default values the chart must render (and lint, validate, keep consistent) as well as the defaults. Only
+# built-in kinds (tests/k8s dry-runs these on an API server without cert-manager: the certManager render is
+# tested on its own in test_packaging_multinode.py).
 VALUE_MATRIX: dict[str, Obj] = {
     "defaults": {},
-    "multi-node": {"topology": "multi-node"},
+    "single-node": {"topology": "single-node"},
+    "existing-tls-secret-port": {"tls": {"existingSecret": "engine-mtls"}, "engine": {"port": 19820}},
+    "single-node-embedded-engine": {"topology": "single-node", "engine": {"separateContainer": False}},
     "multi-node-no-le-metrics": {
         "topology": "multi-node",
         "leaderElection": {"enabled": False},
@@ -79,6 +86,14 @@ VALUE_MATRIX: dict[str, Obj] = {
                      "livenessProbe": {"extraArgs": ["--probe-timeout=10s"]}},
         "serviceAccount": {"annotations": {"example.com/role": "csi"}},
     },
+}
+
+
+# kustomize directory -> (path, the chart values it is the render of)
+KUSTOMIZE_RENDERS: dict[str, tuple[Path, Obj]] = {
+    "base": (KUSTOMIZE_BASE, {"tls": {"existingSecret": KUSTOMIZE_TLS_SECRET}}),
+    "multi-node": (KUSTOMIZE_MULTI, {"topology": "multi-node", "tls": {"existingSecret": KUSTOMIZE_TLS_SECRET}}),
+    "single-node": (KUSTOMIZE_SINGLE, {"topology": "single-node"}),
 }
 
 

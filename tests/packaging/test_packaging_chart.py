@@ -32,18 +32,21 @@ def test_lint_strict(helm: str, tmp_path: Path, name: str) -> None:
 def test_default_render_objects(renders: dict[str, list[pm.Obj]]) -> None:
     objs = renders["defaults"]
     kinds = sorted((o["kind"], o["metadata"]["name"]) for o in objs)
+    roles = ("leader-election", "engine-lease-writer", "engine-lease-reader", "provisioner-capacity")
     assert kinds == sorted([
         ("CSIDriver", "flashcopy.csi.dev"),
         ("ServiceAccount", "csi-flashcopy-node"),
+        ("ServiceAccount", "csi-flashcopy-controller"),
+        ("Secret", "csi-flashcopy-tls"),
         ("ClusterRole", "csi-flashcopy-provisioner"),
         ("ClusterRole", "csi-flashcopy-snapshotter"),
         ("ClusterRole", "csi-flashcopy-resizer"),
         ("ClusterRoleBinding", "csi-flashcopy-provisioner"),
         ("ClusterRoleBinding", "csi-flashcopy-snapshotter"),
         ("ClusterRoleBinding", "csi-flashcopy-resizer"),
-        ("Role", "csi-flashcopy-leader-election"),
-        ("RoleBinding", "csi-flashcopy-leader-election"),
+        *((kind, f"csi-flashcopy-{r}") for r in roles for kind in ("Role", "RoleBinding")),
         ("DaemonSet", "csi-flashcopy-node"),
+        ("Deployment", "csi-flashcopy-controller"),
         ("StorageClass", "flashcopy"),
         ("VolumeSnapshotClass", "flashcopy"),
         ("VolumeGroupSnapshotClass", "flashcopy"),
@@ -61,29 +64,47 @@ def test_default_render_objects(renders: dict[str, list[pm.Obj]]) -> None:
         assert ("namespace" in o["metadata"]) == namespaced, o["metadata"]
 
     (ds,) = pm.of_kind(objs, "DaemonSet")
-    names = [c["name"] for c in ds["spec"]["template"]["spec"]["containers"]]
-    assert names == ["csi-flashcopy", "engine", "node-driver-registrar", "liveness-probe",
-                     "csi-provisioner", "csi-snapshotter", "csi-resizer"]
-    args = ds["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[:2] == ["serve", "--mode=all"]
     assert ds["spec"]["updateStrategy"] == {"type": "OnDelete"}
     sc = pm.of_kind(objs, "StorageClass")[0]
     assert sc["volumeBindingMode"] == "WaitForFirstConsumer" and sc["allowVolumeExpansion"] is True
     assert set(sc["parameters"]) == {"grainSize", "copyRate", "csi.storage.k8s.io/fstype"}
     (csidriver,) = pm.of_kind(objs, "CSIDriver")
     assert csidriver["spec"] == {"attachRequired": False, "podInfoOnMount": True, "fsGroupPolicy": "File",
-                                 "volumeLifecycleModes": ["Persistent"]}
+                                 "volumeLifecycleModes": ["Persistent"], "storageCapacity": True}
+
+
+def test_single_node_render(renders: dict[str, list[pm.Obj]]) -> None:
+    objs = renders["single-node"]
+    assert not pm.of_kind(objs, "Deployment") and not pm.of_kind(objs, "Secret")
+    (ds,) = pm.of_kind(objs, "DaemonSet")
+    spec = ds["spec"]["template"]["spec"]
+    names = [c["name"] for c in spec["containers"]]
+    assert names == ["csi-flashcopy", "engine", "node-driver-registrar", "liveness-probe",
+                     "csi-provisioner", "csi-snapshotter", "csi-resizer"]
+    assert spec["containers"][0]["args"][:2] == ["serve", "--mode=all"]
+    # the all-in-one pod: the engine on its unix socket only, no TLS, no Leases, no capacity tracking
+    (engine,) = [c for c in spec["containers"] if c["name"] == "engine"]
+    assert engine["args"] == ["engine", "--state-dir=/var/lib/csi-flashcopy",
+                              "--endpoint=unix:///var/lib/csi-flashcopy/engine.sock",
+                              "--log-format=text", "--log-level=info"]
+    assert "ports" not in engine and "env" not in engine
+    assert "engine-tls" not in {v["name"] for v in spec["volumes"]}
+    (csidriver,) = pm.of_kind(objs, "CSIDriver")
+    assert "storageCapacity" not in csidriver["spec"]
+    assert sorted(o["metadata"]["name"] for o in pm.of_kind(objs, "Role")) == ["csi-flashcopy-leader-election"]
+    assert [o["metadata"]["name"] for o in pm.of_kind(objs, "ServiceAccount")] == ["csi-flashcopy-node"]
 
 
 def test_multi_node_render(renders: dict[str, list[pm.Obj]]) -> None:
-    objs = renders["multi-node"]
+    objs = renders["defaults"]
     (ds,) = pm.of_kind(objs, "DaemonSet")
     (dep,) = pm.of_kind(objs, "Deployment")
     node_spec, ctl_spec = ds["spec"]["template"]["spec"], dep["spec"]["template"]["spec"]
     assert [c["name"] for c in node_spec["containers"]] == [
         "csi-flashcopy", "engine", "node-driver-registrar", "liveness-probe"]
     assert node_spec["containers"][0]["args"][:2] == ["serve", "--mode=node"]
-    assert node_spec["automountServiceAccountToken"] is False
+    # the engine keeps its Lease through the API server
+    assert node_spec["automountServiceAccountToken"] is True
     assert [c["name"] for c in ctl_spec["containers"]] == [
         "csi-flashcopy", "csi-provisioner", "csi-snapshotter", "csi-resizer", "liveness-probe"]
     assert ctl_spec["containers"][0]["args"][:2] == ["serve", "--mode=controller"]
@@ -96,16 +117,18 @@ def test_multi_node_render(renders: dict[str, list[pm.Obj]]) -> None:
     sas = sorted(o["metadata"]["name"] for o in pm.of_kind(objs, "ServiceAccount"))
     assert sas == ["csi-flashcopy-controller", "csi-flashcopy-node"]
     for b in pm.of_kind(objs, "ClusterRoleBinding") + pm.of_kind(objs, "RoleBinding"):
-        assert [s["name"] for s in b["subjects"]] == ["csi-flashcopy-controller"]
+        node = b["metadata"]["name"] == "csi-flashcopy-engine-lease-writer"
+        assert [s["name"] for s in b["subjects"]] == ["csi-flashcopy-node" if node else "csi-flashcopy-controller"]
 
 
 def test_matrix_renders_follow_values(renders: dict[str, list[pm.Obj]]) -> None:
     def driver_args(objs: list[pm.Obj]) -> list[list[str]]:
         return [c["args"] for _, _, c in pm.containers(objs) if pm.is_driver_container(c) and c["args"][0] == "serve"]
 
-    # leader election off: no Role, sidecars told so, no leader-election probe
+    # leader election off: no leader-election Role, sidecars told so, no leader-election probe
     objs = renders["multi-node-no-le-metrics"]
-    assert not pm.of_kind(objs, "Role") and not pm.of_kind(objs, "RoleBinding")
+    for kind in ("Role", "RoleBinding"):
+        assert "csi-flashcopy-leader-election" not in {o["metadata"]["name"] for o in pm.of_kind(objs, kind)}
     for _, _, c in pm.containers(objs):
         if c["name"] in ("csi-provisioner", "csi-snapshotter", "csi-resizer"):
             assert "--leader-election=false" in c["args"] and "livenessProbe" not in c
@@ -116,9 +139,15 @@ def test_matrix_renders_follow_values(renders: dict[str, list[pm.Obj]]) -> None:
     objs = renders["embedded-engine-json-logs"]
     (ds,) = pm.of_kind(objs, "DaemonSet")
     assert "engine" not in [c["name"] for c in ds["spec"]["template"]["spec"]["containers"]]
-    (args,) = driver_args(objs)
+    (args,) = [a for a in driver_args(objs) if "--mode=node" in a]
     assert pm.flag_value(args, "--engine") is None and pm.flag_value(args, "--engine-endpoint") is None
     assert {"--log-format=json", "--log-level=debug", "--max-volumes-per-node=16"} <= set(args)
+    # serve starts the engine itself and hands it the TCP listener for the controllers
+    assert {"--engine-listen=$(POD_IP):9820", "--tls-dir=/etc/flashcopy/tls", "--namespace=$(POD_NAMESPACE)"} \
+        <= set(args)
+    (plugin,) = ds["spec"]["template"]["spec"]["containers"][:1]
+    assert {"name": "engine", "containerPort": 9820, "protocol": "TCP"} in plugin["ports"]
+    assert {"name": "engine-tls", "mountPath": "/etc/flashcopy/tls", "readOnly": True} in plugin["volumeMounts"]
     assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
 
     objs = renders["renamed-driver-custom-dirs"]
@@ -126,7 +155,7 @@ def test_matrix_renders_follow_values(renders: dict[str, list[pm.Obj]]) -> None:
     spec = ds["spec"]["template"]["spec"]
     assert spec["imagePullSecrets"] == [{"name": "regcred"}]
     assert spec["containers"][0]["image"] == "registry.example.com/storage/csi-flashcopy:0.1.0-rc1"
-    vols = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"]}
+    vols = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
     assert vols["socket-dir"] == "/var/snap/microk8s/common/var/lib/kubelet/plugins/fc.example.com"
     assert vols["state-dir"] == "/srv/flashcopy"
 
@@ -154,21 +183,26 @@ def test_matrix_renders_follow_values(renders: dict[str, list[pm.Obj]]) -> None:
     assert tpl["metadata"]["labels"]["team"] == "storage"
     assert tpl["spec"]["containers"][0]["resources"] == {"limits": {"memory": "512Mi"},
                                                           "requests": {"cpu": "100m", "memory": 128}}
-    prov = next(c for c in tpl["spec"]["containers"] if c["name"] == "csi-provisioner")
+    prov = next(c for _, _, c in pm.containers(objs) if c["name"] == "csi-provisioner")
     assert {"--v=5", "--timeout=2m", "--worker-threads=10"} <= set(prov["args"])
-    (sa,) = pm.of_kind(objs, "ServiceAccount")
-    assert sa["metadata"]["annotations"] == {"example.com/role": "csi"}
+    sas = pm.of_kind(objs, "ServiceAccount")
+    assert len(sas) == 2 and all(sa["metadata"]["annotations"] == {"example.com/role": "csi"} for sa in sas)
 
 
 def test_release_name_and_namespace_flow_through(helm: str) -> None:
     objs = pm.helm_template(release="storage", namespace="flashcopy-system")
     names = {o["metadata"]["name"] for o in objs}
-    assert {"storage-csi-flashcopy-node", "storage-csi-flashcopy-provisioner"} <= names
+    assert {"storage-csi-flashcopy-node", "storage-csi-flashcopy-controller", "storage-csi-flashcopy-provisioner",
+            "storage-csi-flashcopy-tls"} <= names
     for o in objs:
         if "namespace" in o["metadata"]:
             assert o["metadata"]["namespace"] == "flashcopy-system"
         for s in o.get("subjects", []):
-            assert s["namespace"] == "flashcopy-system" and s["name"] == "storage-csi-flashcopy-node"
+            assert s["namespace"] == "flashcopy-system"
+            assert s["name"] in ("storage-csi-flashcopy-node", "storage-csi-flashcopy-controller")
+    for _, spec, _ in pm.containers(objs):
+        assert {"name": "engine-tls", "secret": {"secretName": "storage-csi-flashcopy-tls", "defaultMode": 0o440}} \
+            in spec["volumes"]
 
 
 def test_refuses_kubernetes_older_than_1_31(helm: str) -> None:
@@ -197,6 +231,15 @@ BAD_VALUES: dict[str, tuple[pm.Obj, str]] = {
     "negative-max-volumes": ({"maxVolumesPerNode": -1}, "/maxVolumesPerNode"),
     "bad-quantity": ({"node": {"resources": {"requests": {"memory": "lots"}}}}, "memory"),
     "bad-duration": ({"sidecars": {"snapshotter": {"timeout": 60}}}, "timeout"),
+    "engine-port-zero": ({"engine": {"port": 0}}, "/engine/port"),
+    "engine-port-too-big": ({"engine": {"port": 65536}}, "/engine/port"),
+    "engine-port-as-string": ({"engine": {"port": "9820"}}, "/engine/port"),
+    "unknown-tls-key": ({"tls": {"caBundle": "x"}}, "caBundle"),
+    "unknown-cert-manager-key": ({"tls": {"certManager": {"duration": "2160h"}}}, "duration"),
+    "issuer-kind-typo": ({"tls": {"certManager": {"issuerRef": {"name": "ca", "kind": "Clusterissuer"}}}},
+                         "/tls/certManager/issuerRef/kind"),
+    "tls-secret-not-a-name": ({"tls": {"existingSecret": "My Secret"}}, "/tls/existingSecret"),
+    "two-tls-sources": ({"tls": {"existingSecret": "mine", "certManager": {"issuerRef": {"name": "ca"}}}}, "/tls"),
 }
 
 
@@ -221,7 +264,7 @@ def test_notes_render(helm: str, tmp_path: Path) -> None:
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n"
         '  text: {{ include "notes.probe" . | quote }}\n'
     )
-    for topology, expect in (("single-node", "one-node cluster"), ("multi-node", "PREVIEW")):
+    for topology, expect in (("single-node", "one-node cluster"), ("multi-node", "get leases")):
         out = pm.helm("template", pm.RELEASE, str(chart), "-n", pm.NAMESPACE, "--set", f"topology={topology}",
                       "--show-only", "templates/notes-probe.yaml").stdout
         text = yaml.safe_load(out)["data"]["text"]

@@ -42,44 +42,75 @@ def all_renders(
     """(name, objects, effective values) for each chart render and each kustomize directory."""
     for name, objs in renders.items():
         yield f"chart:{name}", objs, pm.chart_values(pm.VALUE_MATRIX[name])
-    yield "kustomize:base", kustomized["base"], pm.chart_values()
-    yield "kustomize:multi-node", kustomized["multi-node"], pm.chart_values({"topology": "multi-node"})
+    for name, (_, values) in pm.KUSTOMIZE_RENDERS.items():
+        yield f"kustomize:{name}", kustomized[name], pm.chart_values(values)
 
 
-def test_chart_defaults_equal_kustomize(renders: dict[str, list[pm.Obj]], kustomized: dict[str, list[pm.Obj]]) -> None:
-    for chart_name, kust_name in (("defaults", "base"), ("multi-node", "multi-node")):
-        chart = pm.by_key([pm.strip_helm_labels(o) for o in renders[chart_name]])
+def test_chart_defaults_equal_kustomize(helm: str, kustomized: dict[str, list[pm.Obj]]) -> None:
+    for kust_name, (_, values) in pm.KUSTOMIZE_RENDERS.items():
+        chart = pm.by_key([pm.strip_helm_labels(o) for o in pm.helm_template(values)])
         kust = pm.by_key(kustomized[kust_name])
-        assert sorted(chart) == sorted(kust), f"{chart_name}: objects differ"
+        assert sorted(chart) == sorted(kust), f"{kust_name}: objects differ"
         for k in chart:
-            assert chart[k] == kust[k], f"{chart_name}: {k} differs between helm template and kubectl kustomize"
+            assert chart[k] == kust[k], f"{kust_name}: {k} differs between helm template and kubectl kustomize"
+    # the base is the chart's default topology, apart from the TLS Secret the installer brings
+    assert pm.KUSTOMIZE_RENDERS["base"][1] == {"tls": {"existingSecret": pm.KUSTOMIZE_TLS_SECRET}}
+    assert kustomized["base"] == kustomized["multi-node"]
 
 
 def test_csi_flashcopy_args_parse_with_the_cli(renders: dict[str, list[pm.Obj]],
                                                 kustomized: dict[str, list[pm.Obj]]) -> None:
     parser = cli.build_parser()
     cli_source = Path(cli.__file__).read_text()
+    downward = {"NODE_NAME": "node-1", "POD_IP": "10.244.1.7", "POD_NAMESPACE": pm.NAMESPACE}
     seen = set()
     for name, objs, values in all_renders(renders, kustomized):
+        multi = values["topology"] == "multi-node"
         for _, _, c in pm.containers(objs):
             if not pm.is_driver_container(c):
                 continue
-            args = [a.replace("$(NODE_NAME)", "node-1") for a in c["args"]]
+            env = {e["name"]: e for e in c.get("env", [])}
+            referenced = {v for a in c["args"] for v in re.findall(r"\$\(([A-Z_]+)\)", a)}
+            # $(VAR) in args expands only from the container's own env
+            assert referenced <= set(env), f"{name} {c['name']}: {referenced - set(env)} not in env"
+            args = list(c["args"])
+            for var, value in downward.items():
+                args = [a.replace(f"$({var})", value) for a in args]
             try:
                 ns = parser.parse_args(args)  # unknown flags or bad choices exit with status 2
             except SystemExit as e:
                 pytest.fail(f"{name} {c['name']}: csi-flashcopy rejects {c['args']} (exit {e.code})")
-            seen.add(ns.command)
+            seen.add((ns.command, getattr(ns, "mode", "")))
             assert ns.log_format == values["logFormat"] and ns.log_level == values["logLevel"]
             assert ns.state_dir == values["stateDir"] or ns.command == "serve" and ns.mode == "controller"
+            tls_dir = "/etc/flashcopy/tls" if multi else ""
+            listen = f"10.244.1.7:{values['engine']['port']}" if multi else ""
             if ns.command == "serve":
                 assert ns.driver_name == values["driverName"]
                 assert ns.endpoint == f"unix://{SOCKET}"
-                assert ns.max_volumes_per_node == values["maxVolumesPerNode"]
-            for env in c.get("env", []):
-                # every variable the manifests set is one the CLI reads
-                assert f'"{env["name"]}"' in cli_source, f"{name}: {env['name']} is not read by csi_driver/cli.py"
-    assert seen == {"serve", "engine"}
+                if ns.mode == "controller":
+                    assert ns.max_volumes_per_node == 0  # NodeGetInfo's, not served here
+                    assert (ns.engine, ns.tls_dir, ns.namespace) == ("cluster", tls_dir, pm.NAMESPACE), name
+                else:
+                    assert ns.node_id == "node-1"
+                    assert ns.max_volumes_per_node == values["maxVolumesPerNode"]
+                    # without the engine container, serve hands the engine its TCP listener
+                    own_engine = not values["engine"]["separateContainer"]
+                    assert ns.engine_listen == (listen if own_engine else ""), name
+                    assert ns.tls_dir == (tls_dir if own_engine else ""), name
+                    assert ns.namespace == (pm.NAMESPACE if own_engine and multi else ""), name
+            else:  # the engine container
+                assert (ns.listen, ns.tls_dir, ns.node_id) == (listen, tls_dir, "node-1" if multi else ns.node_id)
+                assert ns.namespace == (pm.NAMESPACE if multi else ""), name
+                assert ns.kubeconfig == ""  # in-cluster config
+            for var, e in env.items():
+                # every variable the manifests set is one the CLI reads or one the args expand
+                assert f'"{var}"' in cli_source or var in referenced, f"{name}: {var} is unused"
+                assert "fieldRef" in e["valueFrom"], f"{name}: {var} is not from the downward API"
+            want = {"POD_IP": "status.podIP", "NODE_NAME": "spec.nodeName", "POD_NAMESPACE": "metadata.namespace"}
+            for var, e in env.items():
+                assert e["valueFrom"]["fieldRef"]["fieldPath"] == want[var], f"{name}: {var}"
+    assert seen == {("serve", "all"), ("serve", "node"), ("serve", "controller"), ("engine", "")}
 
 
 def test_one_driver_name_everywhere(renders: dict[str, list[pm.Obj]], kustomized: dict[str, list[pm.Obj]]) -> None:
@@ -204,6 +235,19 @@ def test_required_sidecar_settings(renders: dict[str, list[pm.Obj]], kustomized:
         le = values["leaderElection"]["enabled"]
         for s in ("csi-provisioner", "csi-snapshotter", "csi-resizer"):
             assert f"--leader-election={str(le).lower()}" in sidecars[s], name
+        prov = next(c for _, _, c in pm.containers(objs) if c["name"] == "csi-provisioner")
+        capacity = {"--enable-capacity", "--capacity-ownerref-level=2"}
+        if values["topology"] == "multi-node":
+            # capacity tracking: the owner chain starts at this pod (POD_NAME, NAMESPACE from the downward API)
+            assert capacity <= set(prov["args"]), name
+            env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in prov["env"]}
+            assert env == {"POD_NAME": "metadata.name", "NAMESPACE": "metadata.namespace"}, name
+            (csidriver,) = pm.of_kind(objs, "CSIDriver")
+            assert csidriver["spec"]["storageCapacity"] is True
+        else:
+            assert not capacity & set(prov["args"]) and "env" not in prov, name
+            (csidriver,) = pm.of_kind(objs, "CSIDriver")
+            assert "storageCapacity" not in csidriver["spec"]
 
 
 def _peer_sidecar(binary: str, tmp: Path) -> Path | None:
@@ -265,6 +309,10 @@ def test_rbac_least_privilege_wiring(renders: dict[str, list[pm.Obj]], kustomize
             wanted = {f"{pm.RELEASE}-{s}" for s in ("provisioner", "snapshotter", "resizer") if f"csi-{s}" in names}
             if wanted and values["leaderElection"]["enabled"]:
                 wanted.add(f"{pm.RELEASE}-leader-election")
+            if values["topology"] == "multi-node":
+                # the engines write their Lease; the controller reads them and keeps CSIStorageCapacity objects
+                wanted |= ({f"{pm.RELEASE}-engine-lease-writer"} if w["kind"] == "DaemonSet" else
+                           {f"{pm.RELEASE}-engine-lease-reader", f"{pm.RELEASE}-provisioner-capacity"})
             assert bound.get(sa, set()) == wanted, f"{name} {w['kind']}: {sa} bound to {bound.get(sa)}"
             # a pod without sidecars talking to the API server gets no token
             assert spec.get("automountServiceAccountToken", True) == bool(wanted)

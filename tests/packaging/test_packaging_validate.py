@@ -1,4 +1,4 @@
-"""Every rendered object (chart for the whole values matrix, both kustomize directories, the examples) against the
+"""Every rendered object (chart for the whole values matrix, every kustomize directory, the examples) against the
 Kubernetes 1.31 and 1.34 OpenAPI schemas in strict mode (kubernetes-validate), and the snapshot-class objects
 against the external-snapshotter v8.6 CRD schemas (from ../shared/peers/k8s/crd when present)."""
 

@@ -69,6 +69,51 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 {{- printf "unix://%s/engine.sock" (.Values.stateDir | trimSuffix "/") -}}
 {{- end -}}
 
+{{/* multi-node: the Secret with the engine API's mutual TLS files (ca.crt, tls.crt, tls.key). */}}
+{{- define "csi-flashcopy.tlsSecretName" -}}
+{{- .Values.tls.existingSecret | default (printf "%s-tls" (include "csi-flashcopy.fullname" .)) -}}
+{{- end -}}
+
+{{/* Where the TLS Secret is mounted (engine containers and the controller's driver container). */}}
+{{- define "csi-flashcopy.tlsDir" -}}
+/etc/flashcopy/tls
+{{- end -}}
+
+{{- define "csi-flashcopy.tlsMount" -}}
+- name: engine-tls
+  mountPath: {{ include "csi-flashcopy.tlsDir" . }}
+  readOnly: true
+{{- end -}}
+
+{{- define "csi-flashcopy.tlsVolume" -}}
+- name: engine-tls
+  secret:
+    secretName: {{ include "csi-flashcopy.tlsSecretName" . }}
+    # Readable by the controller's non-root user through the pod's fsGroup; root in the node pod.
+    defaultMode: 0440
+{{- end -}}
+
+{{/* Downward API env var: (dict "name" "POD_IP" "field" "status.podIP"). */}}
+{{- define "csi-flashcopy.fieldEnv" -}}
+- name: {{ .name }}
+  valueFrom:
+    fieldRef:
+      fieldPath: {{ .field }}
+{{- end -}}
+
+{{/* multi-node: what makes a node engine serve the controllers: the engine API on the pod IP over mutual TLS, and
+     the node's Lease in the release namespace. With engine.separateContainer the engine container takes these as
+     `engine` flags (listenFlag --listen), otherwise `serve` passes them to the engine it starts (--engine-listen;
+     serve already has --node-id). */}}
+{{- define "csi-flashcopy.engineClusterArgs" -}}
+- {{ .listenFlag }}=$(POD_IP):{{ .root.Values.engine.port }}
+- --tls-dir={{ include "csi-flashcopy.tlsDir" .root }}
+{{- if eq .listenFlag "--listen" }}
+- --node-id=$(NODE_NAME)
+{{- end }}
+- --namespace=$(POD_NAMESPACE)
+{{- end -}}
+
 {{/* Args shared by every csi-flashcopy container. */}}
 {{- define "csi-flashcopy.logArgs" -}}
 - --log-format={{ .Values.logFormat }}
@@ -80,6 +125,7 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 {{- define "csi-flashcopy.controllerSidecars" -}}
 {{- $sc := .Values.sidecars -}}
 {{- $le := .Values.leaderElection.enabled -}}
+{{- $multi := eq .Values.topology "multi-node" -}}
 {{- range $name := list "provisioner" "snapshotter" "resizer" }}
 {{- $s := index $sc $name }}
 - name: csi-{{ $name }}
@@ -96,6 +142,12 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
     - --extra-create-metadata
     # Volumes are node-local: ask for the selected node only, not every node with the same topology keys.
     - --strict-topology
+    {{- if $multi }}
+    # Publish each node's free space (CSIStorageCapacity objects owned by the Deployment, found through
+    # pod -> ReplicaSet -> Deployment) so that the scheduler only picks nodes whose engine has room.
+    - --enable-capacity
+    - --capacity-ownerref-level=2
+    {{- end }}
     {{- else if eq $name "snapshotter" }}
     - --feature-gates=CSIVolumeGroupSnapshot=true
     - --extra-create-metadata
@@ -103,6 +155,12 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
     {{- range $s.extraArgs }}
     - {{ . }}
     {{- end }}
+  {{- if and $multi (eq $name "provisioner") }}
+  env:
+    # --enable-capacity: the pod the CSIStorageCapacity objects' owner chain starts from.
+    {{- include "csi-flashcopy.fieldEnv" (dict "name" "POD_NAME" "field" "metadata.name") | nindent 4 }}
+    {{- include "csi-flashcopy.fieldEnv" (dict "name" "NAMESPACE" "field" "metadata.namespace") | nindent 4 }}
+  {{- end }}
   ports:
     - name: {{ $name | trunc 4 }}-http
       containerPort: {{ $s.httpPort }}
