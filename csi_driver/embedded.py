@@ -235,11 +235,8 @@ class EmbeddedBackend:
         return self._record(info)
 
     def snapshot_group(self, group_name: str, items: Sequence[SnapshotItem], *, copy_rate: int) -> list[Volume]:
-        _, pairs = self.engine.snapshot_group(
-            [CopyItem(source_id=it.source_id, name=it.name, attrs=dict(it.attrs), volume_id=it.volume_id)
-             for it in items],
-            group_name=group_name, copy_rate=copy_rate, quiesce=self._quiesce,
-        )
+        _, pairs = self.engine.snapshot_group(_copy_items(items), group_name=group_name, copy_rate=copy_rate,
+                                              quiesce=self._quiesce)
         return self._records([info for info, _ in pairs])
 
     # -- a group start in phases, driven by a controller for members on several nodes (engine.groups.GroupStart)
@@ -250,9 +247,8 @@ class EmbeddedBackend:
             old = self._starts.get(group_name)
             if old is not None and old.phase in ("prepared", "started"):
                 raise errors.AlreadyExists(f"group {group_name!r} is being started already ({old.phase})")
-        gs = self.engine.begin_group_start(
-            [CopyItem(source_id=it.source_id, name=it.name, attrs=dict(it.attrs), volume_id=it.volume_id)
-             for it in items], group_name=group_name, copy_rate=copy_rate, quiesce=self._quiesce, watchdog=watchdog)
+        gs = self.engine.begin_group_start(_copy_items(items), group_name=group_name, copy_rate=copy_rate,
+                                           quiesce=self._quiesce, watchdog=watchdog)
         with self._starts_mu:
             # finished starts are kept only until the next one: a retried release still finds its answer
             self._starts = {k: v for k, v in self._starts.items() if v.phase in ("prepared", "started")}
@@ -277,3 +273,8 @@ class EmbeddedBackend:
                 self.engine.delete_group(g.id)
                 return
         raise errors.NotFound(f"group {group_name!r} not found")
+
+
+def _copy_items(items: Sequence[SnapshotItem]) -> list[CopyItem]:
+    return [CopyItem(source_id=it.source_id, name=it.name, attrs=dict(it.attrs), volume_id=it.volume_id)
+            for it in items]

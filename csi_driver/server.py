@@ -67,8 +67,8 @@ def resolved_engine_mode(args: argparse.Namespace) -> str:
     mode = getattr(args, "engine", "auto")
     if mode != "auto":
         return str(mode)
-    if getattr(args, "mode", "all") == "controller" and getattr(args, "tls_dir", ""):
-        return "cluster"  # the multi-node controller: every node's engine over mutual TLS
+    if _wants_cluster(args):
+        return "cluster"
     if getattr(args, "mode", "all") not in ("all", "node"):
         return "embedded"  # a controller alone has no data path to keep alive
     why = datapath_unavailable()
@@ -78,10 +78,16 @@ def resolved_engine_mode(args: argparse.Namespace) -> str:
     return "auto"
 
 
+def _wants_cluster(args: argparse.Namespace) -> bool:
+    """--engine cluster, or auto for the multi-node controller (--mode controller with --tls-dir)."""
+    engine = getattr(args, "engine", "auto")
+    return engine == "cluster" or (engine == "auto" and getattr(args, "mode", "all") == "controller"
+                                   and bool(getattr(args, "tls_dir", "")))
+
+
 def check_engine_mode(args: argparse.Namespace) -> None:
     """Refuse, before anything is bound or opened, an engine setting that cannot work."""
-    mode = resolved_engine_mode(args) if getattr(args, "engine", "auto") != "embedded" else "embedded"
-    if mode == "cluster":
+    if _wants_cluster(args):
         if getattr(args, "mode", "all") != "controller":
             raise ValueError("--engine cluster is the controller's (--mode controller)")
         TlsFiles.load(getattr(args, "tls_dir", "") or "")
@@ -90,7 +96,7 @@ def check_engine_mode(args: argparse.Namespace) -> None:
         return
     if getattr(args, "engine_listen", ""):
         TlsFiles.load(getattr(args, "tls_dir", "") or "")  # no TCP listener without TLS
-    if mode == "embedded":
+    if getattr(args, "engine", "auto") == "embedded":
         return
     endpoint = engine_endpoint(args)
     if parse_endpoint(endpoint)[0] != "unix":

@@ -19,7 +19,7 @@ from csi_driver.proto_gen import engine_pb2 as pb
 from csi_driver.proto_gen import engine_pb2_grpc as pb_grpc
 from csi_driver.remote import wire
 from csi_driver.remote.tls import TlsFiles, channel_options
-from csi_driver.remote.wire import to_stats, to_volume
+from csi_driver.remote.wire import item_msg, to_stats, to_volume
 from csi_driver.sockets import unix_socket_path
 
 PING_TIMEOUT = 2.0
@@ -131,9 +131,8 @@ class RemoteBackend:
             attrs=dict(attrs), volume_id=volume_id)).volume)
 
     def snapshot_group(self, group_name: str, items: Sequence[SnapshotItem], *, copy_rate: int) -> list[Volume]:
-        req = pb.SnapshotGroupRequest(group_name=group_name, copy_rate=copy_rate, items=[
-            pb.SnapshotItem(source_id=it.source_id, name=it.name, attrs=dict(it.attrs), volume_id=it.volume_id)
-            for it in items])
+        req = pb.SnapshotGroupRequest(group_name=group_name, copy_rate=copy_rate,
+                                      items=[item_msg(it) for it in items])
         return [to_volume(v) for v in self._call("SnapshotGroup", req).volumes]
 
     def delete_group(self, group_name: str) -> None:
@@ -144,9 +143,8 @@ class RemoteBackend:
     def prepare_group(self, group_name: str, items: Sequence[SnapshotItem], *, copy_rate: int,
                       watchdog: float, timeout: float = CALL_TIMEOUT) -> None:
         self._call("PrepareGroup", pb.PrepareGroupRequest(
-            group_name=group_name, copy_rate=copy_rate, watchdog_ms=int(watchdog * 1000), items=[
-                pb.SnapshotItem(source_id=it.source_id, name=it.name, attrs=dict(it.attrs), volume_id=it.volume_id)
-                for it in items]), timeout)
+            group_name=group_name, copy_rate=copy_rate, watchdog_ms=int(watchdog * 1000),
+            items=[item_msg(it) for it in items]), timeout)
 
     def start_group(self, group_name: str, timeout: float = CALL_TIMEOUT) -> list[Volume]:
         r = self._call("StartGroup", pb.GroupPhaseRequest(group_name=group_name), timeout)

@@ -34,7 +34,6 @@ from typing import Any, TypeVar
 import grpc
 
 from csi_driver import __version__
-from csi_driver.api import SnapshotItem
 from csi_driver.datapath import DataPath, privileged
 from csi_driver.embedded import EmbeddedBackend
 from csi_driver.engine import Engine, errors
@@ -45,7 +44,7 @@ from csi_driver.proto_gen import engine_pb2 as pb
 from csi_driver.proto_gen import engine_pb2_grpc as pb_grpc
 from csi_driver.remote import wire
 from csi_driver.remote.tls import TlsFiles
-from csi_driver.remote.wire import stats_msg, volume_msg
+from csi_driver.remote.wire import stats_msg, to_item, volume_msg
 from csi_driver.sockets import bind, unix_endpoint, unix_socket_path
 
 log = logging.getLogger("csi_flashcopy.engine")
@@ -140,8 +139,7 @@ class EngineService(pb_grpc.EngineServicer):
 
     def SnapshotGroup(self, request: pb.SnapshotGroupRequest, context: grpc.ServicerContext
                       ) -> pb.VolumesResponse:
-        items = [SnapshotItem(source_id=it.source_id, name=it.name, attrs=dict(it.attrs),
-                              volume_id=_opt(it, "volume_id")) for it in request.items]
+        items = [to_item(it) for it in request.items]
         vs = self._do(context, "SnapshotGroup", lambda: self.b.snapshot_group(
             request.group_name, items, copy_rate=request.copy_rate))
         return pb.VolumesResponse(volumes=[volume_msg(v) for v in vs])
@@ -151,8 +149,7 @@ class EngineService(pb_grpc.EngineServicer):
         return pb.Empty()
 
     def PrepareGroup(self, request: pb.PrepareGroupRequest, context: grpc.ServicerContext) -> pb.Empty:
-        items = [SnapshotItem(source_id=it.source_id, name=it.name, attrs=dict(it.attrs),
-                              volume_id=_opt(it, "volume_id")) for it in request.items]
+        items = [to_item(it) for it in request.items]
         watchdog = request.watchdog_ms / 1000 if request.watchdog_ms > 0 else WATCHDOG_SECONDS
         self._do(context, "PrepareGroup", lambda: self.b.prepare_group(
             request.group_name, items, copy_rate=request.copy_rate, watchdog=min(watchdog, MAX_WATCHDOG_SECONDS)))

@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from csi_driver.api import NodeStats, Volume
+from csi_driver.api import NodeStats, SnapshotItem, Volume
 from csi_driver.engine import errors
 from csi_driver.proto_gen import engine_pb2 as pb
 from csi_driver.status import Status, status_for
@@ -45,6 +45,15 @@ def to_volume(m: pb.Volume) -> Volume:
                   created_at=m.created_at, condition=m.condition,
                   source_id=m.source_id if m.HasField("source_id") else None,
                   copy_progress=m.copy_progress, allocated_bytes=m.allocated_bytes)
+
+
+def item_msg(it: SnapshotItem) -> pb.SnapshotItem:
+    return pb.SnapshotItem(source_id=it.source_id, name=it.name, attrs=dict(it.attrs), volume_id=it.volume_id)
+
+
+def to_item(m: pb.SnapshotItem) -> SnapshotItem:
+    return SnapshotItem(source_id=m.source_id, name=m.name, attrs=dict(m.attrs),
+                        volume_id=m.volume_id if m.HasField("volume_id") else None)
 
 
 def stats_msg(s: NodeStats) -> pb.NodeStatsResponse:

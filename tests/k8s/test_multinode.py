@@ -263,26 +263,14 @@ def _snapshot(mn: MultiNode, name: str, pvc: str) -> str:
 
 def _write_block(mn: MultiNode, node: str, volume_id: str, data: bytes | None) -> bytes:
     """Stage the volume as a raw block device on its node (the node plugin's job), write or read, unstage."""
-    from csi_driver.remote.client import RemoteBackend
-
-    b = RemoteBackend(mn.engines[node].sock)
-    work = mn.root / "paths" / volume_id
-    staging, target = work / "staging", work / "target"
-    staging.mkdir(parents=True, exist_ok=True)
+    d = Staged(mn, node, volume_id)
     try:
-        b.node_stage(volume_id, str(staging), block=True, fs_type="", mount_flags=[], read_only=False)
-        b.node_publish(volume_id, str(staging), str(target), block=True, read_only=False, mount_flags=[])
-        with open(target, "r+b", buffering=0) as f:
-            if data is not None:
-                f.write(data)
-                os.fsync(f.fileno())
-            f.seek(0)
-            out = f.read(len(data) if data is not None else 4096)
-        b.node_unpublish(volume_id, str(target))
-        b.node_unstage(volume_id, str(staging))
-        return out
+        if data is not None:
+            os.pwrite(d.fd, data, 0)
+            os.fsync(d.fd)
+        return os.pread(d.fd, len(data) if data is not None else 4096, 0)
     finally:
-        b.close()
+        d.close()
 
 
 def test_volumes_snapshots_and_restores_on_each_node(mn: MultiNode) -> None:
@@ -320,25 +308,29 @@ def test_restore_requested_on_another_node_is_sent_back_to_the_scheduler(mn: Mul
     assert "RESOURCE_EXHAUSTED" in log and "is on node node-a" in log
 
 
-def _csi_volume(mn: MultiNode, name: str, node: str) -> str:
+def _csi_volume(mn: MultiNode, name: str, node: str, snapshot_id: str = "") -> str:
+    """A raw block volume of 8 MiB on node through the controller (from snapshot_id when given)."""
     from csi_driver.proto_gen import csi_pb2
 
     cap = csi_pb2.VolumeCapability(block=csi_pb2.VolumeCapability.BlockVolume(),
                                    access_mode=csi_pb2.VolumeCapability.AccessMode(mode=1))
     req = csi_pb2.CreateVolumeRequest(name=name, volume_capabilities=[cap],
                                       capacity_range=csi_pb2.CapacityRange(required_bytes=8 * MiB))
+    if snapshot_id:
+        req.volume_content_source.snapshot.snapshot_id = snapshot_id
     req.accessibility_requirements.requisite.add().segments[KEY] = node
     return mn.csi()[0].CreateVolume(req, timeout=30).volume.volume_id
 
 
-def _member_counts(mn: MultiNode, group: str = "g-dead") -> dict[str, int]:
+def _member_counts(mn: MultiNode, group: str, nodes: tuple[str, ...] | None = None) -> dict[str, int]:
+    """Member snapshots of the named group on each node (default: every node whose engine runs)."""
     from csi_driver.remote.client import RemoteBackend
 
+    if nodes is None:
+        nodes = tuple(n for n, e in mn.engines.items() if e.proc is not None and e.proc.poll() is None)
     out = {}
-    for n, e in mn.engines.items():
-        if e.proc is None or e.proc.poll() is not None:
-            continue
-        b = RemoteBackend(e.sock)
+    for n in nodes:
+        b = RemoteBackend(mn.engines[n].sock)
         try:
             out[n] = len(b.find_volumes({"csi.kind": "snapshot", "csi.groupName": group}))
         finally:
@@ -384,7 +376,7 @@ def test_dead_node_fails_only_its_volumes_and_recovers(mn: MultiNode) -> None:
     # a group over the dead node: refused, and the live nodes keep no member
     assert code(grp.CreateVolumeGroupSnapshot, csi_pb2.CreateVolumeGroupSnapshotRequest(
         name="g-dead", source_volume_ids=list(vols.values()))) == grpc.StatusCode.UNAVAILABLE
-    assert _member_counts(mn) == {"node-a": 0, "node-b": 0}
+    assert _member_counts(mn, "g-dead") == {"node-a": 0, "node-b": 0}
     mn.start_engine("node-c")
     wait_for(lambda: code(get, csi_pb2.ControllerGetVolumeRequest(volume_id=vols["node-c"])) == grpc.StatusCode.OK,
              timeout=WAIT, what="node-c back", why=lambda: mn.logs())
@@ -431,18 +423,6 @@ class Staged:
         self.b.close()
 
 
-def _from_snapshot(mn: MultiNode, name: str, snapshot_id: str, node: str) -> str:
-    from csi_driver.proto_gen import csi_pb2
-
-    cap = csi_pb2.VolumeCapability(block=csi_pb2.VolumeCapability.BlockVolume(),
-                                   access_mode=csi_pb2.VolumeCapability.AccessMode(mode=1))
-    req = csi_pb2.CreateVolumeRequest(name=name, volume_capabilities=[cap],
-                                      capacity_range=csi_pb2.CapacityRange(required_bytes=8 * MiB))
-    req.volume_content_source.snapshot.snapshot_id = snapshot_id
-    req.accessibility_requirements.requisite.add().segments[KEY] = node
-    return mn.csi()[0].CreateVolume(req, timeout=30).volume.volume_id
-
-
 def test_group_snapshot_under_a_dependent_write_chain_restores_a_prefix(mn: MultiNode) -> None:
     """Write k goes to node k % 3 only after write k-1 (on the previous node) has completed, flushed; the
     group snapshot is taken meanwhile. The restored three volumes must hold exactly writes 0..K-1."""
@@ -479,7 +459,7 @@ def test_group_snapshot_under_a_dependent_write_chain_restores_a_prefix(mn: Mult
     by_source = {s.source_volume_id: s.snapshot_id for s in g.snapshots}
     found: list[int] = []
     for n in NODES:
-        rid = _from_snapshot(mn, f"chain-restore-{n}", by_source[vols[n]], n)
+        rid = _csi_volume(mn, f"chain-restore-{n}", n, by_source[vols[n]])
         r = Staged(mn, n, rid)
         try:
             blocks = os.pread(r.fd, (written[0] // 3 + 1) * 4096, 0)
@@ -510,21 +490,9 @@ def test_a_node_that_hangs_in_prepare_leaves_no_member(mn: MultiNode) -> None:
             mn.csi()[1].CreateVolumeGroupSnapshot(csi_pb2.CreateVolumeGroupSnapshotRequest(
                 name="g-hang", source_volume_ids=vols), timeout=120)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "node-c" in (e.value.details() or "")
-        assert _member_counts_live(mn, "g-hang", ("node-a", "node-b")) == {"node-a": 0, "node-b": 0}
+        assert _member_counts(mn, "g-hang", ("node-a", "node-b")) == {"node-a": 0, "node-b": 0}
     finally:
         proc.send_signal(signal.SIGCONT)
     wait_for(lambda: _member_counts(mn, "g-hang").get("node-c") == 0, timeout=WAIT,
              what="node-c's watchdog aborting the prepare it ran late")
 
-
-def _member_counts_live(mn: MultiNode, group: str, nodes: tuple[str, ...]) -> dict[str, int]:
-    from csi_driver.remote.client import RemoteBackend
-
-    out = {}
-    for n in nodes:
-        b = RemoteBackend(mn.engines[n].sock)
-        try:
-            out[n] = len(b.find_volumes({"csi.kind": "snapshot", "csi.groupName": group}))
-        finally:
-            b.close()
-    return out
