@@ -43,6 +43,73 @@ class Volume:
 
 
 @dataclass(frozen=True)
+class CopyStatus:
+    """A FlashCopy mapping (source -> target) as operators see it."""
+
+    id: str
+    source_id: str
+    target_id: str
+    #: FlashCopy state: idle_or_copied, preparing, prepared, copying, stopping, stopped
+    state: str
+    copy_rate: int
+    clean_rate: int
+    #: percent of the target's grains the target owns
+    progress: float
+    bytes_to_copy: int = 0
+    bytes_to_clean: int = 0
+    #: why it stopped, or what its background copy waits for; "" when healthy
+    error: str = ""
+    incremental: bool = False
+    restore: bool = False
+    group_id: str = ""
+    start_time: float = 0.0
+    #: node holding it ("" = this node)
+    node: str = ""
+
+
+@dataclass(frozen=True)
+class VolumeStatus:
+    """A volume, snapshot or hidden node (deleted, kept for the copies that read through it)."""
+
+    id: str
+    name: str
+    size: int
+    allocated_bytes: int
+    attrs: Mapping[str, str] = field(default_factory=dict)
+    condition: str = ""
+    created_at: float = 0.0
+    hidden: bool = False
+    #: staged on its node now (operations that rewrite it in place are refused then)
+    staged: bool = False
+    #: for a hidden node: the volumes that still read some of its grains
+    dependents: tuple[str, ...] = ()
+    node: str = ""
+
+
+@dataclass(frozen=True)
+class GroupStatus:
+    """A consistency group (its members' mappings start at one instant)."""
+
+    id: str
+    name: str
+    state: str
+    mapping_ids: tuple[str, ...] = ()
+    start_time: float = 0.0
+    node: str = ""
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything FlashCopy holds, at one instant per node."""
+
+    volumes: tuple[VolumeStatus, ...] = ()
+    mappings: tuple[CopyStatus, ...] = ()
+    groups: tuple[GroupStatus, ...] = ()
+    #: nodes that did not answer (their objects are missing from this report)
+    missing_nodes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class SnapshotItem:
     """One member of a group snapshot request."""
 
@@ -138,6 +205,22 @@ class Backend(Protocol):
 
     def delete_group(self, group_name: str) -> None:
         """Forget the consistency group (its member volumes are deleted separately). NotFound if unknown."""
+
+    # -- operations (status, rates, restore in place, refresh)
+
+    def report(self) -> Report:
+        """Every volume (hidden nodes too), mapping and group, with progress and staging."""
+
+    def modify_copies(self, volume_id: str, *, copy_rate: int | None, clean_rate: int | None) -> list[CopyStatus]:
+        """Change the rates of the mappings that copy into volume_id, at once (None = keep)."""
+
+    def restore_volume(self, volume_id: str, snapshot_id: str, *, copy_rate: int) -> CopyStatus:
+        """Reverse FlashCopy in place: volume_id shows snapshot_id's data at once; every snapshot is kept.
+        InvalidState while the volume is staged (a filesystem mounted over it would be corrupted)."""
+
+    def refresh_volume(self, volume_id: str, source_id: str, *, copy_rate: int) -> tuple[CopyStatus, int]:
+        """Incremental refresh of a clone to source_id's data: only grains changed on either side since its
+        last start are copied (their count is returned). InvalidState while staged."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,17 @@ import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 
-from csi_driver.api import NodeDataPath, NodeInfo, NodeStats, SnapshotItem, Volume
+from csi_driver.api import (
+    CopyStatus,
+    GroupStatus,
+    NodeDataPath,
+    NodeInfo,
+    NodeStats,
+    Report,
+    SnapshotItem,
+    Volume,
+    VolumeStatus,
+)
 from csi_driver.engine import Engine, errors
 from csi_driver.engine.groups import GroupStart
 from csi_driver.engine.model import CopyItem, MappingInfo, MappingState, VolumeInfo
@@ -230,8 +240,10 @@ class EmbeddedBackend:
 
     def clone(self, source_id: str, name: str, *, size: int, copy_rate: int, clean_rate: int,
               attrs: Mapping[str, str], volume_id: str | None = None) -> Volume:
+        # incremental: the mapping stays and tracks both sides' writes, so the clone can be refreshed later
         info, _ = self.engine.clone(source_id, name, size=size, copy_rate=copy_rate, clean_rate=clean_rate,
-                                    attrs=dict(attrs), volume_id=volume_id, quiesce=self._quiesce)
+                                    attrs=dict(attrs), volume_id=volume_id, incremental=True,
+                                    quiesce=self._quiesce)
         return self._record(info)
 
     def snapshot_group(self, group_name: str, items: Sequence[SnapshotItem], *, copy_rate: int) -> list[Volume]:
@@ -273,6 +285,50 @@ class EmbeddedBackend:
                 self.engine.delete_group(g.id)
                 return
         raise errors.NotFound(f"group {group_name!r} not found")
+
+
+    # -- operations
+
+    def report(self) -> Report:
+        vols, maps, groups = self.engine.inspect()
+        staged = set(self.staged_ids())
+        by_vol = {v.id: v for v in vols}
+        by_map = {m.id: m for m in maps}
+        volumes = tuple(
+            VolumeStatus(id=v.id, name=v.name, size=v.size, allocated_bytes=v.allocated_bytes, attrs=dict(v.attrs),
+                         condition="" if v.deleted else self._condition(v, by_vol.get, by_map.get),
+                         created_at=v.created_at, hidden=v.deleted, staged=v.id in staged, dependents=v.dependents)
+            for v in vols)
+        return Report(volumes=volumes, mappings=tuple(copy_status(m) for m in maps),
+                      groups=tuple(GroupStatus(id=g.id, name=g.name, state=g.state.value, mapping_ids=g.mapping_ids,
+                                               start_time=g.start_time) for g in groups))
+
+    def modify_copies(self, volume_id: str, *, copy_rate: int | None, clean_rate: int | None) -> list[CopyStatus]:
+        return [copy_status(m) for m in self.engine.modify_copies(volume_id, copy_rate=copy_rate,
+                                                                   clean_rate=clean_rate)]
+
+    def _refuse_staged(self, volume_id: str, what: str) -> None:
+        if volume_id in self.staged_ids():
+            raise errors.InvalidState(f"volume {volume_id} is staged on this node: {what} would change the data "
+                                      "under its mounted filesystem or running device; stop the Pods using it "
+                                      "(unstage) first")
+
+    def restore_volume(self, volume_id: str, snapshot_id: str, *, copy_rate: int) -> CopyStatus:
+        self._refuse_staged(volume_id, "a restore")
+        return copy_status(self.engine.restore(snapshot_id, volume_id, copy_rate=copy_rate))
+
+    def refresh_volume(self, volume_id: str, source_id: str, *, copy_rate: int) -> tuple[CopyStatus, int]:
+        self._refuse_staged(volume_id, "a refresh")
+        m, grains = self.engine.refresh(volume_id, source_id, copy_rate=copy_rate)
+        return copy_status(m), grains
+
+
+def copy_status(m: MappingInfo) -> CopyStatus:
+    return CopyStatus(id=m.id, source_id=m.source_id, target_id=m.target_id, state=m.state.value,
+                      copy_rate=m.copy_rate, clean_rate=m.clean_rate, progress=m.progress,
+                      bytes_to_copy=m.bytes_to_copy, bytes_to_clean=m.bytes_to_clean, error=m.error,
+                      incremental=m.incremental, restore=m.restore, group_id=m.group_id or "",
+                      start_time=m.start_time)
 
 
 def _copy_items(items: Sequence[SnapshotItem]) -> list[CopyItem]:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 
 from csi_driver.engine import errors
-from csi_driver.engine.bitmap import Bitmap
+from csi_driver.engine.bitmap import Bitmap, set_grains
 from csi_driver.engine.durability import Durability
 from csi_driver.engine.model import MappingState
 from csi_driver.engine.state import Map, Vol
@@ -193,6 +193,29 @@ class Cascade(Durability):
             v.bits.set(g)
             self._bits_dirty["v:" + v.id] = (v.bits, v)
 
+    def _differing(self, b: Vol, t: Vol) -> list[int]:
+        """Grains whose views differ between b and t."""
+        n = max(b.ngrains, t.ngrains)
+        chain_b, chain_t = _chain_up(b), _chain_up(t)
+        common = next((x for x in chain_t if x in chain_b), None)
+        if common is not None:
+            owned = 0
+            for chain in (chain_b, chain_t):
+                for x in chain:
+                    if x is common:
+                        break
+                    owned |= x.bits.as_int() if x.bits is not None else (1 << x.ngrains) - 1
+            candidates = set_grains(owned.to_bytes((n + 7) >> 3, "little"), n)
+        else:
+            candidates = list(range(n))
+        out = []
+        for g in candidates:
+            a = self._read_view(b, g) if g < b.ngrains else b""
+            c = self._read_view(t, g) if g < t.ngrains else b""
+            if a != c:
+                out.append(g)
+        return out
+
     # ------------------------------------------------------------------ chain surgery
 
     def _insert_below(self, src: Vol, t: Vol) -> None:
@@ -205,6 +228,32 @@ class Cascade(Durability):
         self._dirty_vol(src)
         self._dirty_vol(t)
 
+    def _hide_under_keeper(self, t: Vol) -> Vol:
+        """t's data is still read by others: a hidden node takes over t's file, bits and place in its cascade,
+        and t starts over, unlinked, with an empty file (a restore, a refresh of a volume others read through)."""
+        keeper = Vol(self._new_id("vol"), next(self._seq), f"\0kept\0{t.id}", t.size, t.grain, {},
+                     time.time(), t.file)
+        keeper.deleted, keeper.fd, keeper.bits = True, t.fd, t.bits
+        keeper.pending, t.pending = t.pending, {}
+        keeper.upstream, keeper.downstream = t.upstream, t.downstream
+        if t.downstream is not None:
+            t.downstream.upstream = keeper
+            self._dirty_vol(t.downstream)
+        if t.upstream is not None:
+            t.upstream.downstream = keeper
+        dm = self._incoming(t.downstream) if t.downstream is not None else None
+        keeper.clean_rate = dm.clean_rate if dm else 0
+        self._vols[keeper.id] = keeper
+        # mappings out of t that still copy address t by id; their targets now read through keeper
+        t.upstream = t.downstream = None
+        t.bits = None  # the caller's start gives t its new bits
+        t.file, t.fd = f"{t.id}.{secrets.token_hex(4)}.img", -1
+        self._create_file(t)
+        self._dirty_vol(keeper)
+        if keeper.bits is not None:
+            self._mark_bit("v:" + keeper.id, keeper.bits, keeper)
+        return keeper
+
     def _insert_target(self, m: Map, now: float) -> list[Vol]:
         """Start m's cascade change: its target goes directly below its source with the bits it keeps (I3).
 
@@ -214,28 +263,8 @@ class Cascade(Durability):
         fresh: list[Vol] = []
         m.restore = False
         if t.downstream is not None:
-            # t's current data is still read by others (t may even be upstream of s: a restore). A hidden node
-            # keeps that data and t's place in its cascade; t starts over with an empty file.
-            keeper = Vol(self._new_id("vol"), next(self._seq), f"\0kept\0{t.id}", t.size, t.grain, {},
-                         time.time(), t.file)
-            keeper.deleted, keeper.fd, keeper.bits = True, t.fd, t.bits
-            keeper.pending, t.pending = t.pending, {}
-            keeper.upstream, keeper.downstream = t.upstream, t.downstream
-            if t.downstream is not None:
-                t.downstream.upstream = keeper
-                self._dirty_vol(t.downstream)
-            if t.upstream is not None:
-                t.upstream.downstream = keeper
-            dm = self._incoming(t.downstream) if t.downstream is not None else None
-            keeper.clean_rate = dm.clean_rate if dm else 0
-            self._vols[keeper.id] = keeper
-            # mappings out of t that still copy address t by id; their targets now read through keeper
-            t.upstream = t.downstream = None
-            t.file, t.fd = f"{t.id}.{secrets.token_hex(4)}.img", -1
-            self._create_file(t)
-            self._dirty_vol(keeper)
-            if keeper.bits is not None:
-                self._mark_bit("v:" + keeper.id, keeper.bits, keeper)
+            # t's current data is still read by others (t may even be upstream of s: a restore)
+            self._hide_under_keeper(t)
             m.restore = True
             bits = Bitmap(t.ngrains)
         elif m.incremental and m.copied and m.diff is not None:
@@ -361,3 +390,12 @@ class Cascade(Durability):
                 # the file goes after the metadata no longer names it; an orphan left by a crash goes at open
                 self._unlink_later.append(v)
                 changed = True
+
+
+def _chain_up(v: Vol) -> list[Vol]:
+    out = []
+    x: Vol | None = v
+    while x is not None:
+        out.append(x)
+        x = x.upstream
+    return out

@@ -48,7 +48,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from csi_driver.engine import errors
-from csi_driver.engine.bitmap import Bitmap, set_grains
+from csi_driver.engine.bitmap import Bitmap
 from csi_driver.engine.copier import pump, run_copier
 from csi_driver.engine.fileio import FileIO
 from csi_driver.engine.groups import Groups
@@ -274,28 +274,6 @@ class Engine(Groups, Jobs):
                 grains = self._differing(b, t)
             return _extents(grains, grain, t.size)
 
-    def _differing(self, b: Vol, t: Vol) -> list[int]:
-        n = max(b.ngrains, t.ngrains)
-        chain_b, chain_t = _chain_up(b), _chain_up(t)
-        common = next((x for x in chain_t if x in chain_b), None)
-        if common is not None:
-            owned = 0
-            for chain in (chain_b, chain_t):
-                for x in chain:
-                    if x is common:
-                        break
-                    owned |= x.bits.as_int() if x.bits is not None else (1 << x.ngrains) - 1
-            candidates = set_grains(owned.to_bytes((n + 7) >> 3, "little"), n)
-        else:
-            candidates = list(range(n))
-        out = []
-        for g in candidates:
-            a = self._read_view(b, g) if g < b.ngrains else b""
-            c = self._read_view(t, g) if g < t.ngrains else b""
-            if a != c:
-                out.append(g)
-        return out
-
     # ------------------------------------------------------------------ background work
 
     def run_copies(self, budget: int | None = None) -> int:
@@ -359,15 +337,6 @@ class Engine(Groups, Jobs):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _chain_up(v: Vol) -> list[Vol]:
-    out = []
-    x: Vol | None = v
-    while x is not None:
-        out.append(x)
-        x = x.upstream
-    return out
 
 
 def _extents(grains: Iterable[int], grain: int, size: int) -> list[tuple[int, int]]:

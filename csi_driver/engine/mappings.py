@@ -300,16 +300,21 @@ class Mappings(Volumes):
 
     def clone(self, source_id: str, name: str, *, size: int | None = None, copy_rate: int = DEFAULT_COPY_RATE,
               clean_rate: int = DEFAULT_CLEAN_RATE, attrs: dict[str, str] | None = None,
-              volume_id: str | None = None, autodelete: bool = True,
+              volume_id: str | None = None, autodelete: bool = True, incremental: bool = False,
               quiesce: Quiesce | None = None) -> tuple[VolumeInfo, MappingInfo]:
-        """A new volume with source's data, usable at once; background copy makes it independent."""
+        """A new volume with source's data, usable at once; background copy makes it independent.
+
+        incremental: the mapping stays once copied (never autodeleted) and records the grains either side
+        writes, so a later `refresh` of the clone copies only those.
+        """
         _, pairs = self._copy_set([CopyItem(source_id, name, attrs, volume_id)], None, copy_rate, clean_rate,
-                                  autodelete=autodelete, size=size, quiesce=quiesce)
+                                  autodelete=autodelete and not incremental, size=size, quiesce=quiesce,
+                                  incremental=incremental)
         return pairs[0]
 
     def _copy_set(self, items: Sequence[CopyItem], group_name: str | None, copy_rate: int, clean_rate: int, *,
-                  autodelete: bool, size: int | None = None,
-                  quiesce: Quiesce | None = None) -> tuple[GroupInfo | None, list[tuple[VolumeInfo, MappingInfo]]]:
+                  autodelete: bool, size: int | None = None, quiesce: Quiesce | None = None,
+                  incremental: bool = False) -> tuple[GroupInfo | None, list[tuple[VolumeInfo, MappingInfo]]]:
         """Create targets and mappings (and a group when group_name is given), then start them together.
 
         All or nothing. The start runs without the caller holding the engine lock: its prepare syncs data with
@@ -322,6 +327,10 @@ class Mappings(Volumes):
             with self._lock:
                 group = self._new_copy_set(items, group_name, copy_rate, clean_rate, autodelete, size,
                                            new_vols, new_maps)
+                for m in new_maps:
+                    if incremental:
+                        m.incremental = True
+                        m.diff = Bitmap(self._vols[m.target].ngrains)
             # the new rows reach disk in the start's own commit: a crash leaves all of it or none
             self._start(new_maps, quiesce, group)
         except BaseException:
@@ -397,6 +406,72 @@ class Mappings(Volumes):
         if not self._closed:
             with contextlib.suppress(Exception):
                 self._commit()
+
+    def refresh(self, target_id: str, source_id: str, *, copy_rate: int | None = None) -> tuple[MappingInfo, int]:
+        """Incremental refresh: target shows source's data at once, and only grains that may differ are copied.
+
+        The target's incremental mapping (from `clone(incremental=True)`) knows the grains either side wrote
+        since its last start; the grains where its old source and the new one differ come from their cascade
+        (`_differing`, reading only the grains some node between them owns). The target keeps every other grain
+        it owns, which equals the new source's by construction, and its mapping now runs from `source_id`.
+        Without such a mapping (or with its old source gone) every grain is copied again. Returns the mapping
+        and the number of grains the refresh drops (the copy's work). Snapshots of the target keep their data
+        (a hidden node, as for a restore: then the whole target is copied).
+        """
+        with self._lock:
+            self._check_open()
+            t, s = self._vol(target_id), self._vol(source_id)
+            if s is t:
+                raise errors.InvalidArgument("a volume cannot be refreshed from itself")
+            if s.grain != t.grain:
+                raise errors.InvalidArgument(f"grain sizes differ ({s.grain} and {t.grain})")
+            if t.size < s.size:
+                raise errors.OutOfRange(f"{t.id} ({t.size} bytes) is smaller than {s.id} ({s.size})")
+            if s.offline:
+                raise errors.InvalidState(f"source {s.id} is offline: {s.offline}")
+            m = self._incoming(t)
+            if m is not None and m.state in (MappingState.STOPPING, MappingState.PREPARING, MappingState.PREPARED):
+                raise errors.InvalidState(f"mapping {m.id} into {t.id} is {m.state.value}; try again later")
+            old = self._vols.get(m.source) if m is not None else None
+            mask = (1 << t.ngrains) - 1
+            if m is not None and m.diff is not None and m.start_time and old is not None and not t.offline:
+                drop = m.diff.as_int()
+                for g in self._differing(old, s):
+                    drop |= 1 << g
+            else:
+                if m is None or m.diff is None:
+                    m = self._new_mapping(s.id, t.id, copy_rate=DEFAULT_COPY_RATE, clean_rate=DEFAULT_CLEAN_RATE,
+                                          incremental=True)
+                    self._maps[m.id] = m
+                drop = mask
+            # what _insert_target will keep: the grains t owns (all, once independent) that cannot differ
+            owned = t.bits.as_int() if (t.bits is not None and t.upstream is not None) else mask
+            if t.downstream is not None and self._dependents(t):
+                # others still read t's grains (a clone below it, or an older snapshot its last start put
+                # under it): they keep t's data in a hidden node, t is copied whole
+                self._hide_under_keeper(t)
+                drop = mask
+            elif t.upstream is not None or t.downstream is not None:
+                self._unlink(t)  # nothing reads t's grains through it; it leaves its old cascade
+            dropped = t.ngrains - (owned & ~drop & mask).bit_count()
+            m.source, m.state, m.copied, m.autodelete, m.error = s.id, MappingState.IDLE_OR_COPIED, True, False, ""
+            assert m.diff is not None
+            m.diff = Bitmap(max(m.diff.n, t.ngrains), (drop & mask).to_bytes((t.ngrains + 7) >> 3, "little"))
+            if copy_rate is not None:
+                m.copy_rate = check_rate("copy_rate", copy_rate)
+            self._feeds = None
+            self._dirty_map(m)
+        self._start([m], None)
+        with self._lock:
+            return self._minfo(m), dropped
+
+    def modify_copies(self, volume_id: str, *, copy_rate: int | None = None,
+                      clean_rate: int | None = None) -> list[MappingInfo]:
+        """Change the rates of every mapping that copies into volume_id (its background copy and cleaning)."""
+        with self._lock:
+            self._vol(volume_id)
+            ids = [m.id for m in sorted(self._maps.values(), key=lambda m: m.seq) if m.target == volume_id]
+        return [self.modify_mapping(i, copy_rate=copy_rate, clean_rate=clean_rate) for i in ids]
 
     def restore(self, from_volume_id: str, to_volume_id: str, *, copy_rate: int = DEFAULT_COPY_RATE) -> MappingInfo:
         """Reverse FlashCopy: to_volume shows from_volume's data at once; other snapshots are kept."""

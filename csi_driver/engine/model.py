@@ -118,6 +118,8 @@ class VolumeInfo:
     source_mapping_id: str | None = None
     #: True once deleted by the user while others still read through it
     deleted: bool = False
+    #: volumes below this one in its cascade that still read some of its grains (a hidden node stays for them)
+    dependents: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,10 @@ class MappingInfo:
     error: str = ""
     #: True when this is a restore (the target was a source of other mappings when started)
     restore: bool = False
+    #: bytes the background copy still has to move (grains the target does not own yet), while copying
+    bytes_to_copy: int = 0
+    #: bytes a stopping mapping still has to clean into the next node of its cascade
+    bytes_to_clean: int = 0
 
 
 @dataclass(frozen=True)

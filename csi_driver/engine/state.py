@@ -262,7 +262,22 @@ class EngineState:
             id=v.id, name=v.name, size=v.size, grain_size=v.grain, attrs=dict(v.attrs), created_at=v.created,
             allocated_bytes=alloc, status=status, error=v.offline or (m.error if m else ""),
             source_mapping_id=m.id if m else None, deleted=v.deleted,
+            # only a hidden node's dependents are news (they are why it stays); a walk per listing otherwise
+            dependents=tuple(x.id for x in self._dependents(v)) if v.deleted and v.downstream else (),
         )
+
+    def _dependents(self, v: Vol) -> list[Vol]:
+        """The nodes below v that read some grain v serves (v's own grains, through nodes that lack them)."""
+        out: list[Vol] = []
+        served = v.bits.as_int() if (v.bits is not None and v.upstream is not None) else (1 << v.ngrains) - 1
+        e = v.downstream
+        while e is not None and served:
+            mine = e.bits.as_int() if e.bits is not None else (1 << e.ngrains) - 1
+            if served & ~mine & ((1 << e.ngrains) - 1):
+                out.append(e)
+            served &= ~mine
+            e = e.downstream
+        return out
 
     def _minfo(self, m: Map) -> MappingInfo:
         t = self._vols.get(m.target)
@@ -272,11 +287,20 @@ class EngineState:
             progress = 100.0 * t.bits.count() / t.ngrains
         else:
             progress = 0.0
+        to_copy = to_clean = 0
+        if t is not None and t.bits is not None and m.state == MappingState.COPYING:
+            to_copy = (t.ngrains - t.bits.count()) * t.grain
+        elif t is not None and m.state == MappingState.STOPPING and t.downstream is not None:
+            d = t.downstream
+            mine = t.bits.as_int() if t.bits is not None else (1 << t.ngrains) - 1
+            theirs = d.bits.as_int() if d.bits is not None else (1 << d.ngrains) - 1
+            to_clean = (mine & ~theirs & ((1 << d.ngrains) - 1)).bit_count() * t.grain
         return MappingInfo(
             id=m.id, name=m.name, source_id=m.source, target_id=m.target, state=m.state,
             copy_rate=m.copy_rate, clean_rate=m.clean_rate, grain_size=m.grain, progress=round(progress, 2),
             incremental=m.incremental, autodelete=m.autodelete, group_id=m.group_id,
-            start_time=m.start_time, error=m.error, restore=m.restore,
+            start_time=m.start_time, error=m.error, restore=m.restore, bytes_to_copy=to_copy,
+            bytes_to_clean=to_clean,
         )
 
     def _ginfo(self, g: Group) -> GroupInfo:

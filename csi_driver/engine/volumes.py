@@ -7,7 +7,15 @@ import time
 
 from csi_driver.engine import errors
 from csi_driver.engine.cascade import Cascade
-from csi_driver.engine.model import DEFAULT_GRAIN, GRAIN_SIZES, MappingState, VolumeInfo, valid_id
+from csi_driver.engine.model import (
+    DEFAULT_GRAIN,
+    GRAIN_SIZES,
+    GroupInfo,
+    MappingInfo,
+    MappingState,
+    VolumeInfo,
+    valid_id,
+)
 from csi_driver.engine.state import Vol
 
 
@@ -72,6 +80,15 @@ class Volumes(Cascade):
         with self._lock:
             vols = sorted((v for v in self._vols.values() if not v.deleted), key=lambda v: v.seq)
             return [self._vinfo(v) for v in vols]
+
+    def inspect(self) -> tuple[list[VolumeInfo], list[MappingInfo], list[GroupInfo]]:
+        """Everything at one instant, hidden nodes included (deleted=True, with the volumes they stay for)."""
+        with self._lock:
+            vols = sorted(self._vols.values(), key=lambda v: v.seq)
+            maps = sorted(self._maps.values(), key=lambda m: m.seq)
+            groups = sorted(self._groups.values(), key=lambda g: g.seq)
+            return ([self._vinfo(v) for v in vols], [self._minfo(m) for m in maps],
+                    [self._ginfo(g) for g in groups])
 
     def set_volume_attrs(self, volume_id: str, attrs: dict[str, str]) -> VolumeInfo:
         with self._lock:

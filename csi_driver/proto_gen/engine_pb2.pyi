@@ -353,3 +353,144 @@ class NodeExpandResponse(_message.Message):
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     capacity_bytes: int
     def __init__(self, capacity_bytes: _Optional[int] = ...) -> None: ...
+
+class CopyStatus(_message.Message):
+    __slots__ = ("id", "source_id", "target_id", "state", "copy_rate", "clean_rate", "progress", "bytes_to_copy", "bytes_to_clean", "error", "incremental", "restore", "group_id", "start_time")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    COPY_RATE_FIELD_NUMBER: _ClassVar[int]
+    CLEAN_RATE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TO_COPY_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TO_CLEAN_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    INCREMENTAL_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_FIELD_NUMBER: _ClassVar[int]
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    source_id: str
+    target_id: str
+    state: str
+    copy_rate: int
+    clean_rate: int
+    progress: float
+    bytes_to_copy: int
+    bytes_to_clean: int
+    error: str
+    incremental: bool
+    restore: bool
+    group_id: str
+    start_time: float
+    def __init__(self, id: _Optional[str] = ..., source_id: _Optional[str] = ..., target_id: _Optional[str] = ..., state: _Optional[str] = ..., copy_rate: _Optional[int] = ..., clean_rate: _Optional[int] = ..., progress: _Optional[float] = ..., bytes_to_copy: _Optional[int] = ..., bytes_to_clean: _Optional[int] = ..., error: _Optional[str] = ..., incremental: _Optional[bool] = ..., restore: _Optional[bool] = ..., group_id: _Optional[str] = ..., start_time: _Optional[float] = ...) -> None: ...
+
+class VolumeStatus(_message.Message):
+    __slots__ = ("id", "name", "size", "allocated_bytes", "attrs", "condition", "created_at", "hidden", "staged", "dependents")
+    class AttrsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ATTRS_FIELD_NUMBER: _ClassVar[int]
+    CONDITION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    STAGED_FIELD_NUMBER: _ClassVar[int]
+    DEPENDENTS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    size: int
+    allocated_bytes: int
+    attrs: _containers.ScalarMap[str, str]
+    condition: str
+    created_at: float
+    hidden: bool
+    staged: bool
+    dependents: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., size: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., attrs: _Optional[_Mapping[str, str]] = ..., condition: _Optional[str] = ..., created_at: _Optional[float] = ..., hidden: _Optional[bool] = ..., staged: _Optional[bool] = ..., dependents: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GroupStatus(_message.Message):
+    __slots__ = ("id", "name", "state", "mapping_ids", "start_time")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MAPPING_IDS_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    state: str
+    mapping_ids: _containers.RepeatedScalarFieldContainer[str]
+    start_time: float
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., mapping_ids: _Optional[_Iterable[str]] = ..., start_time: _Optional[float] = ...) -> None: ...
+
+class ReportRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReportResponse(_message.Message):
+    __slots__ = ("volumes", "mappings", "groups")
+    VOLUMES_FIELD_NUMBER: _ClassVar[int]
+    MAPPINGS_FIELD_NUMBER: _ClassVar[int]
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    volumes: _containers.RepeatedCompositeFieldContainer[VolumeStatus]
+    mappings: _containers.RepeatedCompositeFieldContainer[CopyStatus]
+    groups: _containers.RepeatedCompositeFieldContainer[GroupStatus]
+    def __init__(self, volumes: _Optional[_Iterable[_Union[VolumeStatus, _Mapping]]] = ..., mappings: _Optional[_Iterable[_Union[CopyStatus, _Mapping]]] = ..., groups: _Optional[_Iterable[_Union[GroupStatus, _Mapping]]] = ...) -> None: ...
+
+class ModifyCopiesRequest(_message.Message):
+    __slots__ = ("volume_id", "copy_rate", "clean_rate")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    COPY_RATE_FIELD_NUMBER: _ClassVar[int]
+    CLEAN_RATE_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    copy_rate: int
+    clean_rate: int
+    def __init__(self, volume_id: _Optional[str] = ..., copy_rate: _Optional[int] = ..., clean_rate: _Optional[int] = ...) -> None: ...
+
+class CopiesResponse(_message.Message):
+    __slots__ = ("mappings",)
+    MAPPINGS_FIELD_NUMBER: _ClassVar[int]
+    mappings: _containers.RepeatedCompositeFieldContainer[CopyStatus]
+    def __init__(self, mappings: _Optional[_Iterable[_Union[CopyStatus, _Mapping]]] = ...) -> None: ...
+
+class RestoreVolumeRequest(_message.Message):
+    __slots__ = ("volume_id", "snapshot_id", "copy_rate")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_ID_FIELD_NUMBER: _ClassVar[int]
+    COPY_RATE_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    snapshot_id: str
+    copy_rate: int
+    def __init__(self, volume_id: _Optional[str] = ..., snapshot_id: _Optional[str] = ..., copy_rate: _Optional[int] = ...) -> None: ...
+
+class CopyResponse(_message.Message):
+    __slots__ = ("mapping",)
+    MAPPING_FIELD_NUMBER: _ClassVar[int]
+    mapping: CopyStatus
+    def __init__(self, mapping: _Optional[_Union[CopyStatus, _Mapping]] = ...) -> None: ...
+
+class RefreshVolumeRequest(_message.Message):
+    __slots__ = ("volume_id", "source_id", "copy_rate")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_ID_FIELD_NUMBER: _ClassVar[int]
+    COPY_RATE_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    source_id: str
+    copy_rate: int
+    def __init__(self, volume_id: _Optional[str] = ..., source_id: _Optional[str] = ..., copy_rate: _Optional[int] = ...) -> None: ...
+
+class RefreshVolumeResponse(_message.Message):
+    __slots__ = ("mapping", "grains_to_copy")
+    MAPPING_FIELD_NUMBER: _ClassVar[int]
+    GRAINS_TO_COPY_FIELD_NUMBER: _ClassVar[int]
+    mapping: CopyStatus
+    grains_to_copy: int
+    def __init__(self, mapping: _Optional[_Union[CopyStatus, _Mapping]] = ..., grains_to_copy: _Optional[int] = ...) -> None: ...

@@ -109,6 +109,26 @@ class EngineStub:
                 request_serializer=csi__driver_dot_proto__gen_dot_engine__pb2.ReleaseGroupRequest.SerializeToString,
                 response_deserializer=csi__driver_dot_proto__gen_dot_engine__pb2.ReleaseGroupResponse.FromString,
                 _registered_method=True)
+        self.Report = channel.unary_unary(
+                '/flashcopy.engine.v1.Engine/Report',
+                request_serializer=csi__driver_dot_proto__gen_dot_engine__pb2.ReportRequest.SerializeToString,
+                response_deserializer=csi__driver_dot_proto__gen_dot_engine__pb2.ReportResponse.FromString,
+                _registered_method=True)
+        self.ModifyCopies = channel.unary_unary(
+                '/flashcopy.engine.v1.Engine/ModifyCopies',
+                request_serializer=csi__driver_dot_proto__gen_dot_engine__pb2.ModifyCopiesRequest.SerializeToString,
+                response_deserializer=csi__driver_dot_proto__gen_dot_engine__pb2.CopiesResponse.FromString,
+                _registered_method=True)
+        self.RestoreVolume = channel.unary_unary(
+                '/flashcopy.engine.v1.Engine/RestoreVolume',
+                request_serializer=csi__driver_dot_proto__gen_dot_engine__pb2.RestoreVolumeRequest.SerializeToString,
+                response_deserializer=csi__driver_dot_proto__gen_dot_engine__pb2.CopyResponse.FromString,
+                _registered_method=True)
+        self.RefreshVolume = channel.unary_unary(
+                '/flashcopy.engine.v1.Engine/RefreshVolume',
+                request_serializer=csi__driver_dot_proto__gen_dot_engine__pb2.RefreshVolumeRequest.SerializeToString,
+                response_deserializer=csi__driver_dot_proto__gen_dot_engine__pb2.RefreshVolumeResponse.FromString,
+                _registered_method=True)
         self.NodeStage = channel.unary_unary(
                 '/flashcopy.engine.v1.Engine/NodeStage',
                 request_serializer=csi__driver_dot_proto__gen_dot_engine__pb2.NodeStageRequest.SerializeToString,
@@ -240,6 +260,31 @@ class EngineServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Report(self, request, context):
+        """Operations: everything at one instant, copy rates, restore in place, incremental refresh of a clone.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ModifyCopies(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreVolume(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RefreshVolume(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def NodeStage(self, request, context):
         """Node data path (loop device on the FUSE export, filesystem, bind mounts), all idempotent.
         """
@@ -354,6 +399,26 @@ def add_EngineServicer_to_server(servicer, server):
                     servicer.ReleaseGroup,
                     request_deserializer=csi__driver_dot_proto__gen_dot_engine__pb2.ReleaseGroupRequest.FromString,
                     response_serializer=csi__driver_dot_proto__gen_dot_engine__pb2.ReleaseGroupResponse.SerializeToString,
+            ),
+            'Report': grpc.unary_unary_rpc_method_handler(
+                    servicer.Report,
+                    request_deserializer=csi__driver_dot_proto__gen_dot_engine__pb2.ReportRequest.FromString,
+                    response_serializer=csi__driver_dot_proto__gen_dot_engine__pb2.ReportResponse.SerializeToString,
+            ),
+            'ModifyCopies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ModifyCopies,
+                    request_deserializer=csi__driver_dot_proto__gen_dot_engine__pb2.ModifyCopiesRequest.FromString,
+                    response_serializer=csi__driver_dot_proto__gen_dot_engine__pb2.CopiesResponse.SerializeToString,
+            ),
+            'RestoreVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreVolume,
+                    request_deserializer=csi__driver_dot_proto__gen_dot_engine__pb2.RestoreVolumeRequest.FromString,
+                    response_serializer=csi__driver_dot_proto__gen_dot_engine__pb2.CopyResponse.SerializeToString,
+            ),
+            'RefreshVolume': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefreshVolume,
+                    request_deserializer=csi__driver_dot_proto__gen_dot_engine__pb2.RefreshVolumeRequest.FromString,
+                    response_serializer=csi__driver_dot_proto__gen_dot_engine__pb2.RefreshVolumeResponse.SerializeToString,
             ),
             'NodeStage': grpc.unary_unary_rpc_method_handler(
                     servicer.NodeStage,
@@ -791,6 +856,114 @@ class Engine:
             '/flashcopy.engine.v1.Engine/ReleaseGroup',
             csi__driver_dot_proto__gen_dot_engine__pb2.ReleaseGroupRequest.SerializeToString,
             csi__driver_dot_proto__gen_dot_engine__pb2.ReleaseGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Report(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flashcopy.engine.v1.Engine/Report',
+            csi__driver_dot_proto__gen_dot_engine__pb2.ReportRequest.SerializeToString,
+            csi__driver_dot_proto__gen_dot_engine__pb2.ReportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ModifyCopies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flashcopy.engine.v1.Engine/ModifyCopies',
+            csi__driver_dot_proto__gen_dot_engine__pb2.ModifyCopiesRequest.SerializeToString,
+            csi__driver_dot_proto__gen_dot_engine__pb2.CopiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flashcopy.engine.v1.Engine/RestoreVolume',
+            csi__driver_dot_proto__gen_dot_engine__pb2.RestoreVolumeRequest.SerializeToString,
+            csi__driver_dot_proto__gen_dot_engine__pb2.CopyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefreshVolume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flashcopy.engine.v1.Engine/RefreshVolume',
+            csi__driver_dot_proto__gen_dot_engine__pb2.RefreshVolumeRequest.SerializeToString,
+            csi__driver_dot_proto__gen_dot_engine__pb2.RefreshVolumeResponse.FromString,
             options,
             channel_credentials,
             insecure,

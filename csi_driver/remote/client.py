@@ -14,12 +14,12 @@ from typing import Any
 
 import grpc
 
-from csi_driver.api import NodeInfo, NodeStats, SnapshotItem, Volume
+from csi_driver.api import CopyStatus, NodeInfo, NodeStats, Report, SnapshotItem, Volume
 from csi_driver.proto_gen import engine_pb2 as pb
 from csi_driver.proto_gen import engine_pb2_grpc as pb_grpc
 from csi_driver.remote import wire
 from csi_driver.remote.tls import TlsFiles, channel_options
-from csi_driver.remote.wire import item_msg, to_stats, to_volume
+from csi_driver.remote.wire import item_msg, to_copy, to_report, to_stats, to_volume
 from csi_driver.sockets import unix_socket_path
 
 PING_TIMEOUT = 2.0
@@ -155,6 +155,26 @@ class RemoteBackend:
         return float(r.hold_seconds)
 
     # -- NodeBackend
+
+    # -- operations
+
+    def report(self) -> Report:
+        return to_report(self._call("Report", pb.ReportRequest(), self.read_timeout), self.node_id)
+
+    def modify_copies(self, volume_id: str, *, copy_rate: int | None, clean_rate: int | None) -> list[CopyStatus]:
+        r = self._call("ModifyCopies", pb.ModifyCopiesRequest(volume_id=volume_id, copy_rate=copy_rate,
+                                                              clean_rate=clean_rate))
+        return [to_copy(c, self.node_id) for c in r.mappings]
+
+    def restore_volume(self, volume_id: str, snapshot_id: str, *, copy_rate: int) -> CopyStatus:
+        r = self._call("RestoreVolume", pb.RestoreVolumeRequest(volume_id=volume_id, snapshot_id=snapshot_id,
+                                                                copy_rate=copy_rate))
+        return to_copy(r.mapping, self.node_id)
+
+    def refresh_volume(self, volume_id: str, source_id: str, *, copy_rate: int) -> tuple[CopyStatus, int]:
+        r = self._call("RefreshVolume", pb.RefreshVolumeRequest(volume_id=volume_id, source_id=source_id,
+                                                                copy_rate=copy_rate))
+        return to_copy(r.mapping, self.node_id), int(r.grains_to_copy)
 
     def node_stage(self, volume_id: str, staging_path: str, *, block: bool, fs_type: str,
                    mount_flags: Sequence[str] = (), read_only: bool = False) -> None:

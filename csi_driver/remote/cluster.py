@@ -23,7 +23,16 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, TypeVar
 
-from csi_driver.api import NodeInfo, NodeStats, SnapshotItem, Volume, id_node_key, node_key
+from csi_driver.api import (
+    CopyStatus,
+    NodeInfo,
+    NodeStats,
+    Report,
+    SnapshotItem,
+    Volume,
+    id_node_key,
+    node_key,
+)
 from csi_driver.engine import errors
 from csi_driver.remote.client import RemoteBackend
 from csi_driver.remote.tls import TlsFiles
@@ -290,6 +299,27 @@ class ClusterBackend:
 
     # -- no node side: a controller stages nothing
 
+    # -- operations
+
+    def report(self) -> Report:
+        results, missing = self._fan_out(lambda c: c.report())
+        parts = [r for _, r in sorted(results, key=lambda er: er[0].node)]
+        return Report(volumes=tuple(v for r in parts for v in r.volumes),
+                      mappings=tuple(m for r in parts for m in r.mappings),
+                      groups=tuple(g for r in parts for g in r.groups), missing_nodes=tuple(missing))
+
+    def modify_copies(self, volume_id: str, *, copy_rate: int | None, clean_rate: int | None) -> list[CopyStatus]:
+        return self._for_id(volume_id, lambda c: c.modify_copies(volume_id, copy_rate=copy_rate,
+                                                                 clean_rate=clean_rate))
+
+    def restore_volume(self, volume_id: str, snapshot_id: str, *, copy_rate: int) -> CopyStatus:
+        _on_one_node(volume_id, snapshot_id)
+        return self._for_id(volume_id, lambda c: c.restore_volume(volume_id, snapshot_id, copy_rate=copy_rate))
+
+    def refresh_volume(self, volume_id: str, source_id: str, *, copy_rate: int) -> tuple[CopyStatus, int]:
+        _on_one_node(volume_id, source_id)
+        return self._for_id(volume_id, lambda c: c.refresh_volume(volume_id, source_id, copy_rate=copy_rate))
+
     def _no_node(self) -> errors.InvalidState:
         return errors.InvalidState("the controller serves no node data path (the node plugins do)")
 
@@ -312,3 +342,11 @@ class ClusterBackend:
 
     def node_expand(self, volume_id: str, volume_path: str, required_bytes: int) -> int:
         raise self._no_node()
+
+
+def _on_one_node(volume_id: str, source_id: str) -> None:
+    """A restore or refresh moves data within one node's cascades only."""
+    a, b = id_node_key(volume_id), id_node_key(source_id)
+    if a != b:
+        raise errors.InvalidState(f"{volume_id} and {source_id} are on different nodes ({a}, {b}): FlashCopy "
+                                  "copies within a node; clone the source onto the volume's node first")

@@ -44,7 +44,7 @@ from csi_driver.proto_gen import engine_pb2 as pb
 from csi_driver.proto_gen import engine_pb2_grpc as pb_grpc
 from csi_driver.remote import wire
 from csi_driver.remote.tls import TlsFiles
-from csi_driver.remote.wire import stats_msg, to_item, volume_msg
+from csi_driver.remote.wire import copy_msg, report_msg, stats_msg, to_item, volume_msg
 from csi_driver.sockets import bind, unix_endpoint, unix_socket_path
 
 log = logging.getLogger("csi_flashcopy.engine")
@@ -147,6 +147,26 @@ class EngineService(pb_grpc.EngineServicer):
     def DeleteGroup(self, request: pb.DeleteGroupRequest, context: grpc.ServicerContext) -> pb.Empty:
         self._do(context, "DeleteGroup", lambda: self.b.delete_group(request.group_name))
         return pb.Empty()
+
+    def Report(self, request: pb.ReportRequest, context: grpc.ServicerContext) -> pb.ReportResponse:
+        return report_msg(self._do(context, "Report", self.b.report))
+
+    def ModifyCopies(self, request: pb.ModifyCopiesRequest, context: grpc.ServicerContext) -> pb.CopiesResponse:
+        changed = self._do(context, "ModifyCopies", lambda: self.b.modify_copies(
+            request.volume_id, copy_rate=request.copy_rate if request.HasField("copy_rate") else None,
+            clean_rate=request.clean_rate if request.HasField("clean_rate") else None))
+        return pb.CopiesResponse(mappings=[copy_msg(c) for c in changed])
+
+    def RestoreVolume(self, request: pb.RestoreVolumeRequest, context: grpc.ServicerContext) -> pb.CopyResponse:
+        c = self._do(context, "RestoreVolume", lambda: self.b.restore_volume(
+            request.volume_id, request.snapshot_id, copy_rate=request.copy_rate))
+        return pb.CopyResponse(mapping=copy_msg(c))
+
+    def RefreshVolume(self, request: pb.RefreshVolumeRequest, context: grpc.ServicerContext
+                      ) -> pb.RefreshVolumeResponse:
+        c, grains = self._do(context, "RefreshVolume", lambda: self.b.refresh_volume(
+            request.volume_id, request.source_id, copy_rate=request.copy_rate))
+        return pb.RefreshVolumeResponse(mapping=copy_msg(c), grains_to_copy=grains)
 
     def PrepareGroup(self, request: pb.PrepareGroupRequest, context: grpc.ServicerContext) -> pb.Empty:
         items = [to_item(it) for it in request.items]

@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from csi_driver.api import NodeStats, SnapshotItem, Volume
+from csi_driver.api import CopyStatus, GroupStatus, NodeStats, Report, SnapshotItem, Volume, VolumeStatus
 from csi_driver.engine import errors
 from csi_driver.proto_gen import engine_pb2 as pb
 from csi_driver.status import Status, status_for
@@ -67,6 +67,42 @@ def to_stats(r: pb.NodeStatsResponse) -> NodeStats:
     return NodeStats(block=r.block, total_bytes=r.total_bytes, used_bytes=r.used_bytes,
                      available_bytes=r.available_bytes, total_inodes=r.total_inodes, used_inodes=r.used_inodes,
                      available_inodes=r.available_inodes, abnormal=r.abnormal, message=r.message)
+
+
+def copy_msg(c: CopyStatus) -> pb.CopyStatus:
+    return pb.CopyStatus(id=c.id, source_id=c.source_id, target_id=c.target_id, state=c.state,
+                         copy_rate=c.copy_rate, clean_rate=c.clean_rate, progress=c.progress,
+                         bytes_to_copy=c.bytes_to_copy, bytes_to_clean=c.bytes_to_clean, error=c.error,
+                         incremental=c.incremental, restore=c.restore, group_id=c.group_id, start_time=c.start_time)
+
+
+def to_copy(m: pb.CopyStatus, node: str = "") -> CopyStatus:
+    return CopyStatus(id=m.id, source_id=m.source_id, target_id=m.target_id, state=m.state, copy_rate=m.copy_rate,
+                      clean_rate=m.clean_rate, progress=m.progress, bytes_to_copy=m.bytes_to_copy,
+                      bytes_to_clean=m.bytes_to_clean, error=m.error, incremental=m.incremental,
+                      restore=m.restore, group_id=m.group_id, start_time=m.start_time, node=node)
+
+
+def report_msg(r: Report) -> pb.ReportResponse:
+    return pb.ReportResponse(
+        volumes=[pb.VolumeStatus(id=v.id, name=v.name, size=v.size, allocated_bytes=v.allocated_bytes,
+                                 attrs=dict(v.attrs), condition=v.condition, created_at=v.created_at,
+                                 hidden=v.hidden, staged=v.staged, dependents=list(v.dependents))
+                 for v in r.volumes],
+        mappings=[copy_msg(c) for c in r.mappings],
+        groups=[pb.GroupStatus(id=g.id, name=g.name, state=g.state, mapping_ids=list(g.mapping_ids),
+                               start_time=g.start_time) for g in r.groups])
+
+
+def to_report(m: pb.ReportResponse, node: str = "") -> Report:
+    return Report(
+        volumes=tuple(VolumeStatus(id=v.id, name=v.name, size=v.size, allocated_bytes=v.allocated_bytes,
+                                   attrs=dict(v.attrs), condition=v.condition, created_at=v.created_at,
+                                   hidden=v.hidden, staged=v.staged, dependents=tuple(v.dependents), node=node)
+                      for v in m.volumes),
+        mappings=tuple(to_copy(c, node) for c in m.mappings),
+        groups=tuple(GroupStatus(id=g.id, name=g.name, state=g.state, mapping_ids=tuple(g.mapping_ids),
+                                 start_time=g.start_time, node=node) for g in m.groups))
 
 
 # -- errors
