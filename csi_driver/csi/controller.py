@@ -21,7 +21,7 @@ from csi_driver.csi.errors import (
     not_found,
     out_of_range,
 )
-from csi_driver.csi.params import parse_snapshot_params, parse_volume_params
+from csi_driver.csi.params import MutableParams, parse_mutable_params, parse_snapshot_params, parse_volume_params
 from csi_driver.csi.settings import Settings
 from csi_driver.csi.validation import (
     capacity_range,
@@ -86,8 +86,8 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         require_capabilities(request.volume_capabilities, self.settings)
         required, limit = capacity_range(request.capacity_range)
         params = parse_volume_params(request.parameters)
-        if request.mutable_parameters:
-            raise invalid("mutable_parameters", "not supported (the driver has no MODIFY_VOLUME capability)")
+        # a VolumeAttributesClass named at creation: its rates override the StorageClass's for the clone's mapping
+        mutable = parse_mutable_params(request.mutable_parameters)
         source = (o.ContentSource.from_csi(request.volume_content_source)
                   if request.HasField("volume_content_source") else None)
         source_attr = source.encode() if source is not None else ""
@@ -99,6 +99,8 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             existing = backend.find_volume(ename)
             if existing is not None:
                 self._check_same_volume(existing, required, limit, params.canonical(), source_attr)
+                # mutable parameters are state, not identity (ModifyVolume changes them): a retry applies its own
+                self._modify(existing.id, mutable)
                 return csi_pb2.CreateVolumeResponse(volume=o.csi_volume(existing, self.settings))
             src: Volume | None = None
             if source is not None:
@@ -116,8 +118,10 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
                      o.NODE: node}
             vid = o.new_volume_id(node)
             if src is not None:
-                v = backend.clone(src.id, ename, size=size, copy_rate=params.copy_rate,
-                                  clean_rate=params.clean_rate, attrs=attrs, volume_id=vid)
+                copy_rate = params.copy_rate if mutable.copy_rate is None else mutable.copy_rate
+                clean_rate = params.clean_rate if mutable.clean_rate is None else mutable.clean_rate
+                v = backend.clone(src.id, ename, size=size, copy_rate=copy_rate, clean_rate=clean_rate,
+                                  attrs=attrs, volume_id=vid)
             else:
                 v = backend.create_volume(ename, size, grain_size=grain, attrs=attrs, volume_id=vid)
         return csi_pb2.CreateVolumeResponse(volume=o.csi_volume(v, self.settings))
@@ -160,14 +164,17 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
                     reasons.append("parameters differ from the ones the volume was created with")
             except CsiError as e:
                 reasons.append(e.message)
-        if request.mutable_parameters:
-            reasons.append("mutable_parameters are not supported")
+        try:
+            parse_mutable_params(request.mutable_parameters)
+        except CsiError as e:
+            reasons.append(e.message)
         if reasons:
             return csi_pb2.ValidateVolumeCapabilitiesResponse(message="; ".join(reasons))
         confirmed = csi_pb2.ValidateVolumeCapabilitiesResponse.Confirmed(
             volume_context=request.volume_context,
             volume_capabilities=request.volume_capabilities,
             parameters=request.parameters,
+            mutable_parameters=request.mutable_parameters,
         )
         return csi_pb2.ValidateVolumeCapabilitiesResponse(confirmed=confirmed)
 
@@ -229,6 +236,23 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         # The node always has work after a resize: a filesystem must grow, and a block device exported from
         # the volume file (loop) must re-read its size. NodeExpandVolume does both (node data path).
         return csi_pb2.ControllerExpandVolumeResponse(capacity_bytes=v.size, node_expansion_required=True)
+
+    def ControllerModifyVolume(self, request: csi_pb2.ControllerModifyVolumeRequest,
+                               context: grpc.ServicerContext) -> csi_pb2.ControllerModifyVolumeResponse:
+        """A VolumeAttributesClass's copyRate/cleanRate applied to the volume's running mappings at once.
+
+        Every key and value is validated before anything changes (all or nothing); the same request again
+        sets the same rates (idempotent). A volume that is no copy target has nothing to change: OK."""
+        vid = require_id(request.volume_id, "volume_id")
+        mutable = parse_mutable_params(request.mutable_parameters)
+        with self.driver.locks.hold(f"volume:{vid}"):
+            get_kind(self.driver.backend, vid, o.KIND_VOLUME)
+            self._modify(vid, mutable)
+        return csi_pb2.ControllerModifyVolumeResponse()
+
+    def _modify(self, vid: str, mutable: MutableParams) -> None:
+        if mutable:
+            self.driver.backend.modify_copies(vid, copy_rate=mutable.copy_rate, clean_rate=mutable.clean_rate)
 
     # ------------------------------------------------------------------ snapshots
 

@@ -1,8 +1,11 @@
-"""StorageClass / VolumeSnapshotClass / VolumeGroupSnapshotClass parameters.
+"""StorageClass / VolumeSnapshotClass / VolumeGroupSnapshotClass parameters, and VolumeAttributesClass
+mutable parameters.
 
 Parsed into effective values (defaults filled in), which is also what idempotency compares: a retry that
 spells a default out explicitly is the same request. Keys under csi.storage.k8s.io/ are added by the
-sidecars (e.g. --extra-create-metadata's pvc/name) and are ignored.
+sidecars (e.g. --extra-create-metadata's pvc/name) and are ignored. Mutable parameters (CreateVolume's and
+ControllerModifyVolume's `mutable_parameters`) are the rates only, parsed by the same rules; a StorageClass key
+that cannot change after creation (grainSize) is refused there as immutable.
 """
 
 from __future__ import annotations
@@ -51,9 +54,28 @@ class SnapshotParams:
         return json.dumps({"copyRate": self.copy_rate}, sort_keys=True)
 
 
-def _own(params: Mapping[str, str], field: str, allowed: tuple[str, ...]) -> dict[str, str]:
+@dataclass(frozen=True)
+class MutableParams:
+    """Rates of a volume's running mappings (None = leave as it is)."""
+
+    copy_rate: int | None = None
+    clean_rate: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.copy_rate is not None or self.clean_rate is not None
+
+
+VOLUME_KEYS = ("grainSize", "copyRate", "cleanRate")
+MUTABLE_KEYS = ("copyRate", "cleanRate")
+
+
+def _own(params: Mapping[str, str], field: str, allowed: tuple[str, ...],
+         immutable: tuple[str, ...] = ()) -> dict[str, str]:
     own = {k: v for k, v in params.items() if not k.startswith(SIDECAR_PREFIX)}
-    for key in own:
+    for key in sorted(own):  # the same request always names the same key
+        if key in immutable:
+            raise invalid(f"{field}[{key}]", f"immutable: set at creation in the StorageClass parameters "
+                                             f"(mutable: {', '.join(allowed)})")
         if key not in allowed:
             raise invalid(f"{field}[{key}]", f"unknown parameter (supported: {', '.join(allowed)})")
     return own
@@ -70,7 +92,7 @@ def _rate(field: str, key: str, value: str) -> int:
 
 
 def parse_volume_params(params: Mapping[str, str], field: str = "parameters") -> VolumeParams:
-    own = _own(params, field, ("grainSize", "copyRate", "cleanRate"))
+    own = _own(params, field, VOLUME_KEYS)
     grain = DEFAULT_GRAIN
     if "grainSize" in own:
         grain_text = own["grainSize"].strip()
@@ -86,3 +108,12 @@ def parse_snapshot_params(params: Mapping[str, str], field: str = "parameters") 
     own = _own(params, field, ("copyRate",))
     copy_rate = _rate(field, "copyRate", own["copyRate"]) if "copyRate" in own else 0
     return SnapshotParams(copy_rate=copy_rate)
+
+
+def parse_mutable_params(params: Mapping[str, str], field: str = "mutable_parameters") -> MutableParams:
+    """copyRate / cleanRate of a VolumeAttributesClass: every key is checked before anything may change."""
+    own = _own(params, field, MUTABLE_KEYS, immutable=tuple(k for k in VOLUME_KEYS if k not in MUTABLE_KEYS))
+    return MutableParams(
+        copy_rate=_rate(field, "copyRate", own["copyRate"]) if "copyRate" in own else None,
+        clean_rate=_rate(field, "cleanRate", own["cleanRate"]) if "cleanRate" in own else None,
+    )

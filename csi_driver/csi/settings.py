@@ -24,6 +24,8 @@ CONTROLLER_RPCS: tuple[str, ...] = (
     "GET_VOLUME",
     "SINGLE_NODE_MULTI_WRITER",
     "GET_SNAPSHOT",
+    # ControllerModifyVolume: a VolumeAttributesClass's copyRate/cleanRate change the volume's running mappings
+    "MODIFY_VOLUME",
 )
 GROUP_CONTROLLER_RPCS: tuple[str, ...] = ("CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT",)
 # Node capabilities (csi_driver/csi/node.py over the NodeBackend data path). SINGLE_NODE_MULTI_WRITER: every

@@ -5,7 +5,9 @@ Goal: 0 failures in the Identity, Controller, snapshot, GroupController and Node
 stages real volumes (FUSE export, loop device, mkfs, mounts): it needs root, /dev/fuse and loop devices, and
 the run fails if it leaves a mount or loop device behind. "defaults" runs it with mount volumes, "parameters"
 with block volumes (both with the engine embedded in `serve`), "process" with mount volumes served by the
-separate node engine process (`csi-flashcopy engine` + `serve --engine process`).
+separate node engine process (`csi-flashcopy engine` + `serve --engine process`). Every variant passes the
+mutable parameters of sanity-mutable-parameters.yaml (a VolumeAttributesClass's copyRate/cleanRate), so the
+ModifyVolume specs and CreateVolume's volume-attribute-class specs run.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from tests.csi.conftest import REPO, CsiServer
 from tests.datapath.conftest import KERNEL_SKIP, leftovers
 
 SANITY = REPO.parent / "shared" / "peers" / "csi-sanity"
+MUTABLE_PARAMETERS = Path(__file__).with_name("sanity-mutable-parameters.yaml")
 
 # Groups skipped with --ginkgo.skip (none: every group runs).
 SKIPPED_GROUPS: dict[str, str] = {}
 
-CHECKED_GROUPS = ("Identity", "Controller", "snapshot", "GroupController", "Node")
+CHECKED_GROUPS = ("Identity", "Controller", "snapshot", "GroupController", "Node", "ModifyVolume")
 
 
 def group_of(name: str) -> str:
@@ -36,6 +39,8 @@ def group_of(name: str) -> str:
         return "GroupController"
     if "Node Service" in name:
         return "Node"
+    if "ModifyVolume [Controller Server]" in name:
+        return "ModifyVolume"
     if re.search(r"Snapshots? \[Controller Server\]", name):
         return "snapshot"
     if "[Controller Server]" in name:
@@ -68,6 +73,7 @@ def run_sanity(srv: CsiServer, work: Path, *extra: str) -> dict[str, dict[str, l
         f"--ginkgo.junit-report={report}",
         "--ginkgo.no-color",
         "--ginkgo.timeout=15m",
+        f"--csi.testvolumemutableparameters={MUTABLE_PARAMETERS}",
         *extra,
     ]
     if SKIPPED_GROUPS:
@@ -120,6 +126,8 @@ def test_csi_sanity(server_factory, tmp_path_factory, tmp_path: Path, variant: s
         assert counts.get(group, {}).get("passed", 0) > 0, f"no {group} spec ran: {counts}"
     for group in SKIPPED_GROUPS:
         assert counts.get(group, {}).get("passed", 0) == 0
+    # MODIFY_VOLUME is advertised and the mutable parameters given: none of its specs may be skipped
+    assert counts["ModifyVolume"]["skipped"] == 0, counts
     srv.stop()
     assert not leftovers(str(tmp_path)) and not leftovers(str(srv.root)), \
         f"left behind: {leftovers(str(tmp_path)) + leftovers(str(srv.root))}"
