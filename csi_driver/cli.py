@@ -160,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("CSI_ENGINE_ENDPOINT", ""),
         help="engine API endpoint, unix:///path (env CSI_ENGINE_ENDPOINT; default unix://<state-dir>/engine.sock)",
     )
+    engine.add_argument(
+        "--metrics-address",
+        default=_env("CSI_METRICS_ADDRESS", ""),
+        help="host:port for Prometheus metrics (/metrics, /healthz) of this engine, empty = off "
+        "(env CSI_METRICS_ADDRESS)",
+    )
 
     certs = sub.add_parser("certs", help="write a CA and the engine certificate (ca.crt, tls.crt, tls.key) to a "
                            "directory, for installs without the chart's or cert-manager's Secret")

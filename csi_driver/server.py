@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.server
 import logging
 import os
 import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import grpc
 
@@ -32,7 +30,7 @@ from csi_driver.csi.driver import BackendSlot, Driver
 from csi_driver.csi.group_controller import GroupControllerServicer
 from csi_driver.csi.identity import IdentityServicer
 from csi_driver.csi.node import NodeServicer
-from csi_driver.csi.rpc import Metrics, RpcInterceptor
+from csi_driver.csi.rpc import RpcInterceptor, RpcObserver
 from csi_driver.csi.settings import Settings
 from csi_driver.datapath import DataPath, datapath_unavailable
 from csi_driver.embedded import EmbeddedBackend
@@ -40,6 +38,7 @@ from csi_driver.engine import errors as engine_errors
 from csi_driver.k8s.apiclient import api_client
 from csi_driver.k8s.leases import LeaseDirectory
 from csi_driver.logs import configure_logging
+from csi_driver.metrics import EngineCollector, RpcMetrics, new_registry, serve_metrics
 from csi_driver.proto_gen import csi_pb2_grpc
 from csi_driver.remote.client import RemoteBackend
 from csi_driver.remote.cluster import ClusterBackend
@@ -131,7 +130,8 @@ def make_backend(args: argparse.Namespace) -> tuple[StorageBackend, StartedEngin
             log.warning("the node engine process does not answer yet; not ready until it does",
                         extra={"fields": {"engine_endpoint": endpoint}})
         return backend, None
-    return ensure_engine(state_dir, endpoint, extra_args=engine_cluster_args(args))
+    # an engine started here serves no metrics of its own: the inherited CSI_METRICS_ADDRESS is serve's port
+    return ensure_engine(state_dir, endpoint, extra_args=[*engine_cluster_args(args), "--metrics-address="])
 
 
 def engine_cluster_args(args: argparse.Namespace) -> list[str]:
@@ -160,7 +160,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     )
 
 
-def build_server(driver: Driver, metrics: Metrics | None = None, max_workers: int = MAX_WORKERS) -> grpc.Server:
+def build_server(driver: Driver, metrics: RpcObserver | None = None, max_workers: int = MAX_WORKERS
+                 ) -> grpc.Server:
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="csi-rpc"),
         interceptors=[RpcInterceptor(metrics)],
@@ -175,34 +176,6 @@ def build_server(driver: Driver, metrics: Metrics | None = None, max_workers: in
     if s.serves_node:
         csi_pb2_grpc.add_NodeServicer_to_server(NodeServicer(driver), server)
     return server
-
-
-def _metrics_server(address: str, metrics: Metrics, slot: BackendSlot) -> http.server.ThreadingHTTPServer:
-    host, _, port = address.rpartition(":")
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            if self.path not in ("/metrics", "/healthz"):
-                self.send_error(404)
-                return
-            if self.path == "/healthz":
-                ok = slot.ready()
-                body = b"ok\n" if ok else b"not ready\n"
-                self.send_response(200 if ok else 503)
-            else:
-                body = metrics.render().encode()
-                self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature from the base class
-            return
-
-    httpd = http.server.ThreadingHTTPServer((host or "0.0.0.0", int(port)), Handler)
-    threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
-    return httpd
 
 
 def _open_backend(args: argparse.Namespace, stop: threading.Event
@@ -231,12 +204,23 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     slot = BackendSlot()
     driver = Driver(settings, slot)
-    metrics = Metrics()
+    registry = new_registry("serve")
+    metrics = RpcMetrics(registry, "flashcopy_csi_rpc_duration_seconds", "CSI calls by method and gRPC code.")
+    engine_metrics = EngineCollector(registry)  # shows an engine only if one runs in this process
+    httpd = None
+    if getattr(args, "metrics_address", ""):
+        try:
+            httpd = serve_metrics(args.metrics_address, registry, slot.ready)
+        except (ValueError, OSError) as e:
+            log.error("cannot serve metrics", extra={"fields": {"address": args.metrics_address, "error": str(e)}})
+            return 1
     server = build_server(driver, metrics)
     try:
         sock_path = bind(server, args.endpoint)
     except (ValueError, RuntimeError, OSError) as e:
         log.error("cannot listen", extra={"fields": {"endpoint": args.endpoint, "error": str(e)}})
+        if httpd is not None:
+            httpd.shutdown()
         return 1
     stop = threading.Event()
 
@@ -248,9 +232,6 @@ def run_serve(args: argparse.Namespace) -> int:
     server.start()
     if sock_path:
         os.chmod(sock_path, 0o600)
-    httpd = None
-    if getattr(args, "metrics_address", ""):
-        httpd = _metrics_server(args.metrics_address, metrics, slot)
     log.info("serving", extra={"fields": {
         "endpoint": args.endpoint, "mode": settings.mode, "driver": settings.driver_name,
         "node_id": settings.node_id, "version": __version__, "state_dir": args.state_dir}})
@@ -262,6 +243,8 @@ def run_serve(args: argparse.Namespace) -> int:
         opened = _open_backend(args, stop)
         if opened is not None:
             backend, started = opened
+            if isinstance(backend, EmbeddedBackend):
+                engine_metrics.attach(backend.engine, datapath=lambda: getattr(backend, "_datapath", None))
             slot.set(backend)
             log.info("engine open", extra={"fields": {"state_dir": args.state_dir,
                                                       "seconds": round(time.monotonic() - t0, 3)}})

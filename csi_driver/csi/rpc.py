@@ -5,16 +5,16 @@
 - writes exactly one log line per RPC: method, the request's ids, gRPC code, duration (and the error
   message when not OK). Only named id fields are logged, never the request itself, so secrets cannot leak;
   at debug level the request is also logged with every csi_secret field blanked;
-- counts calls and durations per (method, code) for the optional metrics endpoint.
+- hands every call's (method, code, seconds) to an RpcObserver: csi_driver.metrics.RpcMetrics, the
+  flashcopy_csi_rpc_duration_seconds histogram of the optional metrics endpoint.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf.message import Message
@@ -87,33 +87,14 @@ def _debug_request(method: str, request: Message) -> None:
     log.debug("request", extra={"fields": {"method": method, "request": text}})
 
 
-class Metrics:
-    """Per (method, code) call counts and duration sums, rendered in the Prometheus text format."""
+class RpcObserver(Protocol):
+    """Told every call's method, gRPC code name and duration (csi_driver.metrics.RpcMetrics)."""
 
-    def __init__(self) -> None:
-        self._mu = threading.Lock()
-        self._calls: dict[tuple[str, str], list[float]] = {}
-
-    def observe(self, method: str, code: str, seconds: float) -> None:
-        with self._mu:
-            entry = self._calls.setdefault((method, code), [0, 0.0])
-            entry[0] += 1
-            entry[1] += seconds
-
-    def render(self) -> str:
-        with self._mu:
-            items = sorted(self._calls.items())
-        lines = ["# HELP csi_flashcopy_rpc_total CSI calls by method and gRPC code.",
-                 "# TYPE csi_flashcopy_rpc_total counter"]
-        lines += [f'csi_flashcopy_rpc_total{{method="{m}",code="{c}"}} {int(n)}' for (m, c), (n, _) in items]
-        lines += ["# HELP csi_flashcopy_rpc_seconds_total Time spent in CSI calls.",
-                  "# TYPE csi_flashcopy_rpc_seconds_total counter"]
-        lines += [f'csi_flashcopy_rpc_seconds_total{{method="{m}",code="{c}"}} {s:.6f}' for (m, c), (_, s) in items]
-        return "\n".join(lines) + "\n"
+    def observe(self, method: str, code: str, seconds: float) -> None: ...
 
 
 class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]  # generic in the stubs only
-    def __init__(self, metrics: Metrics | None = None) -> None:
+    def __init__(self, metrics: RpcObserver | None = None) -> None:
         self.metrics = metrics
 
     def intercept_service(

@@ -11,10 +11,14 @@ and every block request becomes one FUSE request:
 Binding: mfusepy (ctypes over libfuse3's high-level API, multithreaded loop). pyfuse3 was ruled out because
 it has no fallocate handler, so discard could never reach the engine; mfusepy measured well above the bench
 target (see docs/datapath.md).
+
+Every read, write, fsync and fallocate request is counted and timed in `FuseExport.stats` (a `Timings`: plain
+numbers under one lock, about 0.4 us a request); csi_driver.metrics shows them to Prometheus (docs/metrics.md).
 """
 
 from __future__ import annotations
 
+import bisect
 import errno
 import itertools
 import logging
@@ -33,6 +37,79 @@ IO_SIZE = 1 << 20  # max FUSE read/write request, the largest the kernel accepts
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
+
+#: latency bucket bounds (seconds) of FUSE requests, 10 us to 1 s
+FUSE_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0)
+FUSE_OPS = ("read", "write", "fsync", "fallocate")
+_now = time.perf_counter
+
+
+class Series:
+    """One key's numbers in a `Timings`: requests, failures, bytes, seconds, and requests per latency bucket."""
+
+    __slots__ = ("bounds", "count", "errors", "bytes", "seconds", "buckets", "_lock")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.count = 0
+        self.errors = 0
+        self.bytes = 0
+        self.seconds = 0.0
+        #: requests per bucket, not cumulative; the last one counts those above every bound
+        self.buckets = [0] * (len(bounds) + 1)
+        self._lock = threading.Lock()
+
+    def observe(self, seconds: float, nbytes: int = 0) -> None:
+        i = bisect.bisect_left(self.bounds, seconds)  # the first bucket whose bound is >= seconds (le)
+        with self._lock:
+            self.count += 1
+            self.seconds += seconds
+            self.bytes += nbytes
+            self.buckets[i] += 1
+
+    def failed(self, seconds: float) -> None:
+        """A request that failed: counted and timed like the others, and as an error."""
+        self.observe(seconds)
+        with self._lock:
+            self.errors += 1
+
+    def copy(self) -> Series:
+        c = Series(self.bounds)
+        with self._lock:
+            c.count, c.errors, c.bytes, c.seconds = self.count, self.errors, self.bytes, self.seconds
+            c.buckets = list(self.buckets)
+        return c
+
+
+class Timings:
+    """Counts, bytes and a latency histogram per key (a FUSE op, a freeze), cheap enough for the I/O path.
+
+    Plain numbers under a lock, so the data path needs no metrics library; csi_driver.metrics reads
+    `snapshot()` at scrape time. Callers on a hot path keep the `series(key)` they observe into.
+    """
+
+    __slots__ = ("bounds", "_lock", "_series")
+
+    def __init__(self, bounds: tuple[float, ...], keys: tuple[str, ...] = ()) -> None:
+        self.bounds = bounds
+        self._lock = threading.Lock()
+        self._series: dict[str, Series] = {k: Series(bounds) for k in keys}
+
+    def series(self, key: str) -> Series:
+        with self._lock:
+            s = self._series.get(key)
+            if s is None:
+                s = self._series[key] = Series(self.bounds)
+            return s
+
+    def observe(self, key: str, seconds: float, nbytes: int = 0) -> None:
+        self.series(key).observe(seconds, nbytes)
+
+    def snapshot(self) -> dict[str, Series]:
+        """A copy of every key's numbers (each key's own numbers consistent)."""
+        with self._lock:
+            items = list(self._series.items())
+        return {k: s.copy() for k, s in items}
 
 
 @runtime_checkable
@@ -111,6 +188,8 @@ class FuseExport:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._mounted = threading.Event()
+        #: read/write/fsync/fallocate requests: count, bytes, latency (csi_driver.metrics exports them)
+        self.stats = Timings(FUSE_BUCKETS, FUSE_OPS)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -238,6 +317,9 @@ class _Ops:
         self.x = export
         self.FuseOSError = mfusepy.FuseOSError
         self.start_time = time.time_ns()
+        st = export.stats
+        self._read_s, self._write_s = st.series("read"), st.series("write")
+        self._fsync_s, self._fallocate_s = st.series("fsync"), st.series("fallocate")
 
     def _err(self, code: int) -> Exception:
         err: Exception = self.FuseOSError(code)
@@ -322,7 +404,49 @@ class _Ops:
                 raise self._err(errno.EIO)
         return e
 
+    # The four I/O requests are timed: the handler proper is the _-prefixed method.
+
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
+        t0 = _now()
+        try:
+            data = self._read(path, size, offset, fh)
+        except BaseException:
+            self._read_s.failed(_now() - t0)
+            raise
+        self._read_s.observe(_now() - t0, len(data))
+        return data
+
+    def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
+        t0 = _now()
+        try:
+            n = self._write(path, data, offset, fh)
+        except BaseException:
+            self._write_s.failed(_now() - t0)
+            raise
+        self._write_s.observe(_now() - t0, n)
+        return n
+
+    def fsync(self, path: str | None, datasync: int, fh: int) -> int:
+        t0 = _now()
+        try:
+            r = self._fsync(path, datasync, fh)
+        except BaseException:
+            self._fsync_s.failed(_now() - t0)
+            raise
+        self._fsync_s.observe(_now() - t0)
+        return r
+
+    def fallocate(self, path: str | None, mode: int, offset: int, size: int, fh: int) -> int:
+        t0 = _now()
+        try:
+            r = self._fallocate(path, mode, offset, size, fh)
+        except BaseException:
+            self._fallocate_s.failed(_now() - t0)
+            raise
+        self._fallocate_s.observe(_now() - t0, size)
+        return r
+
+    def _read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
         e = self._live(path, fh)
         if offset >= e.size:
             return b""
@@ -333,7 +457,7 @@ class _Ops:
             log.error("read %s @%d+%d failed: %s", e.name, offset, size, ex)
             raise self._err(errno.EIO) from ex
 
-    def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
+    def _write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
         e = self._live(path, fh)
         if e.read_only:
             raise self._err(errno.EROFS)
@@ -346,7 +470,7 @@ class _Ops:
             raise self._err(errno.EIO) from ex
         return len(data)
 
-    def fsync(self, path: str | None, datasync: int, fh: int) -> int:
+    def _fsync(self, path: str | None, datasync: int, fh: int) -> int:
         e = self._live(path, fh)
         try:
             e.target.flush()
@@ -359,7 +483,7 @@ class _Ops:
         # close(): nothing buffered here; durability is fsync's job
         return 0
 
-    def fallocate(self, path: str | None, mode: int, offset: int, size: int, fh: int) -> int:
+    def _fallocate(self, path: str | None, mode: int, offset: int, size: int, fh: int) -> int:
         e = self._live(path, fh)
         if e.read_only:
             raise self._err(errno.EROFS)

@@ -21,13 +21,15 @@ from typing import Any
 
 from csi_driver.api import NodeStats  # the record the NodeBackend protocol returns
 from csi_driver.datapath import privileged
-from csi_driver.datapath.fuse_export import EngineVolume, FuseExport
+from csi_driver.datapath.fuse_export import EngineVolume, FuseExport, Timings
 from csi_driver.engine import errors
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FS = "ext4"
 FREEZE_MAX_SECONDS = 10.0
+#: bucket bounds (seconds) of the freeze window histogram (csi_driver.metrics: flashcopy_freeze_seconds)
+FREEZE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @dataclasses.dataclass
@@ -104,6 +106,8 @@ class DataPath:
         self._records = _Records(os.path.join(self.state_dir, "staging.json"))
         self._lock = threading.RLock()  # records and per-volume work; node RPCs are rare and short
         self.last_freeze_window = 0.0
+        #: every freeze window ("freeze": first FIFREEZE to last thaw, when a filesystem was frozen)
+        self.freeze_timings = Timings(FREEZE_BUCKETS, ("freeze",))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -514,6 +518,7 @@ class DataPath:
             yield
         self.last_freeze_window = time.monotonic() - t0
         if mps:
+            self.freeze_timings.observe("freeze", self.last_freeze_window)
             log.info("froze %d filesystem(s) for %.1f ms", len(mps), self.last_freeze_window * 1000)
 
     # ------------------------------------------------------------------ api.NodeBackend names

@@ -136,6 +136,9 @@ class Cascade(Durability):
             return
         d.bits.set(g)
         self._bits_dirty["v:" + d.id] = (d.bits, d)
+        if self.stats is not None:
+            self.stats.cow_grains += 1
+            self.stats.cow_bytes += min(d.grain, d.size - g * d.grain)
 
     def _can_write_in_place(self, v: Vol, g: int) -> bool:
         """I5: may v's own grain g be overwritten on disk right now?"""

@@ -24,6 +24,7 @@ import errno
 import logging
 import os
 import time
+from collections.abc import Callable
 
 from csi_driver.engine import errors
 from csi_driver.engine.bitmap import Bitmap
@@ -39,8 +40,41 @@ METADATA_RESERVE = 4 * 1024 * 1024  # disk space held back so metadata commits w
 _ZERO = bytes(max(GRAIN_SIZES))
 
 
+class EngineStats:
+    """Plain counters for metrics, attached to an engine by whoever exports them (csi_driver.metrics), updated
+    under the engine lock, read without it.
+
+    cow_grains/cow_bytes: grains a host write copied down first (I2, `Cascade._push_down`); commits and
+    commit_seconds: `_commit`s that made something durable and the time they took, each also handed to
+    on_commit (a histogram's observe).
+    """
+
+    __slots__ = ("cow_grains", "cow_bytes", "commits", "commit_seconds", "on_commit")
+
+    def __init__(self, on_commit: Callable[[float], None] | None = None) -> None:
+        self.cow_grains = 0
+        self.cow_bytes = 0
+        self.commits = 0
+        self.commit_seconds = 0.0
+        self.on_commit = on_commit
+
+    def committed(self, seconds: float) -> None:
+        self.commits += 1
+        self.commit_seconds += seconds
+        if self.on_commit is not None:
+            self.on_commit(seconds)
+
+
 class Durability(EngineState):
     """Dirty tracking and the commit (I4-I6). Every method expects the engine lock held."""
+
+    #: counters for metrics; None (nothing counted) until an exporter attaches one
+    stats: EngineStats | None = None
+
+    @property
+    def held_write_bytes(self) -> int:
+        """Bytes of host writes held in memory until the next commit (I5); read without the lock."""
+        return self._pending_bytes
 
     # ------------------------------------------------------------------ dirty tracking
 
@@ -96,6 +130,9 @@ class Durability(EngineState):
 
     def _commit(self) -> None:
         """Make every in-memory change durable (I4, I5, I6)."""
+        st = self.stats
+        t0 = time.perf_counter()
+        timed = st is not None and bool(self._copy_dirty or self._bits_dirty or self._ch or self._pending_bytes)
         io = self._io
         # I4: grains that new bits vouch for reach the disk first
         for v in list(self._copy_dirty):
@@ -132,6 +169,8 @@ class Durability(EngineState):
             self._host_dirty.add(v)
         self._pending_bytes = 0
         self._last_commit = time.monotonic()
+        if timed and st is not None:
+            st.committed(time.perf_counter() - t0)
 
     def _maybe_commit(self) -> None:
         """Commit when the held writes reach PENDING_LIMIT (I5 holds them in memory until then)."""

@@ -40,6 +40,7 @@ from csi_driver.engine import Engine, errors
 from csi_driver.k8s.apiclient import ApiUnreachable, api_client
 from csi_driver.k8s.leases import LeaseKeeper
 from csi_driver.logs import configure_logging
+from csi_driver.metrics import EngineCollector, RpcMetrics, new_registry, serve_metrics
 from csi_driver.proto_gen import engine_pb2 as pb
 from csi_driver.proto_gen import engine_pb2_grpc as pb_grpc
 from csi_driver.remote import wire
@@ -71,10 +72,12 @@ class EngineService(pb_grpc.EngineServicer):
     """engine.proto over an EmbeddedBackend and its started node side (DataPath): its snapshots freeze the
     sources staged on this node. Errors leave as status code + class name."""
 
-    def __init__(self, backend: EmbeddedBackend, datapath: DataPath, state_dir: str) -> None:
+    def __init__(self, backend: EmbeddedBackend, datapath: DataPath, state_dir: str,
+                 metrics: RpcMetrics | None = None) -> None:
         self.b = backend
         self.dp = datapath
         self.state_dir = state_dir
+        self.metrics = metrics  # flashcopy_engine_rpc_duration_seconds
 
     def _do(self, context: grpc.ServicerContext, method: str, fn: Callable[[], T]) -> T:
         t0 = time.monotonic()
@@ -82,12 +85,17 @@ class EngineService(pb_grpc.EngineServicer):
             result = fn()
         except Exception as e:
             st = wire.encode(e)
+            if self.metrics is not None:
+                self.metrics.observe(method, st.code.name, time.monotonic() - t0)
             level = logging.ERROR if st.unexpected else logging.INFO
             log.log(level, "call failed", exc_info=st.unexpected, extra={"fields": {
                 "method": method, "code": st.code.name, "error": st.message}})
             context.set_trailing_metadata(((wire.ERROR_KEY, st.error_class or "EngineError"),))
             context.abort(st.code, st.message)
-        log.debug("call", extra={"fields": {"method": method, "ms": round((time.monotonic() - t0) * 1000, 1)}})
+        elapsed = time.monotonic() - t0
+        if self.metrics is not None:
+            self.metrics.observe(method, "OK", elapsed)
+        log.debug("call", extra={"fields": {"method": method, "ms": round(elapsed * 1000, 1)}})
         return result
 
     # -- engine
@@ -262,6 +270,20 @@ def run_engine(args: argparse.Namespace) -> int:
             return 2
     os.makedirs(state_dir, exist_ok=True)
     stop = threading.Event()
+    serving = threading.Event()
+    registry = new_registry("engine")
+    rpc_metrics = RpcMetrics(registry, "flashcopy_engine_rpc_duration_seconds",
+                             "Engine API calls by method and gRPC code.")
+    engine_metrics = EngineCollector(registry)
+    metrics_address = getattr(args, "metrics_address", "") or ""
+    httpd = None
+    if metrics_address:
+        try:
+            httpd = serve_metrics(metrics_address, registry, lambda: serving.is_set() and not stop.is_set())
+        except (ValueError, OSError) as e:
+            log.error("cannot serve metrics", extra={"fields": {"address": metrics_address, "error": str(e)}})
+            return 1
+    # (an early return below leaves the metrics thread to the process's exit: it is a daemon)
     with _signals(stop):
         try:
             backend = _open_backend(state_dir, stop)
@@ -277,9 +299,11 @@ def run_engine(args: argparse.Namespace) -> int:
             log.exception("data path failed to start")
             engine.close()
             return 1
+        node_datapath = datapath
+        engine_metrics.attach(engine, datapath=lambda: node_datapath)
         server = grpc.server(ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="engine-rpc"),
                              options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_EngineServicer_to_server(EngineService(backend, datapath, state_dir), server)
+        pb_grpc.add_EngineServicer_to_server(EngineService(backend, datapath, state_dir, rpc_metrics), server)
         try:
             bind(server, unix_endpoint(path))  # a live socket is refused: another engine serves this node
         except (ValueError, RuntimeError, OSError) as e:
@@ -294,6 +318,7 @@ def run_engine(args: argparse.Namespace) -> int:
             return 1
         server.start()
         os.chmod(path, 0o600)
+        serving.set()
         staged = datapath.staged()
         log.info("engine serving", extra={"fields": {
             "endpoint": endpoint, "listen": listen or "-", "state_dir": state_dir, "pid": os.getpid(),
@@ -307,6 +332,8 @@ def run_engine(args: argparse.Namespace) -> int:
         server.stop(GRACE_SECONDS).wait()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+    if httpd is not None:
+        httpd.shutdown()
     return _shutdown(engine, datapath)
 
 

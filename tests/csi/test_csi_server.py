@@ -214,7 +214,7 @@ def test_metrics_endpoint(server_factory) -> None:
     srv = server_factory("metrics", extra=("--metrics-address", f"127.0.0.1:{port}")).start()
     srv.create_volume("metered")
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    assert 'csi_flashcopy_rpc_total{method="CreateVolume",code="OK"} 1' in body
+    assert 'flashcopy_csi_rpc_duration_seconds_count{code="OK",method="CreateVolume"} 1.0' in body  # docs/metrics.md
     health = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10)
     assert health.status == 200
 
