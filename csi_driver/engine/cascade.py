@@ -147,9 +147,11 @@ class Cascade(Durability):
         for m in v.trackers:
             if m.diff is not None and not m.diff.durable(g):
                 return False
-        if v.bits is not None and v.upstream is not None and g in v.bits.undurable:
-            return True  # nobody can depend on a grain v took this epoch: a crash forgets both
         d = v.downstream
+        if d is not None and d.bits is not None and not d.owns(g):
+            return False  # I2: d reads g through v (since before v took it, maybe): _push_down first
+        if v.bits is not None and v.upstream is not None and g in v.bits.undurable:
+            return True  # v took g this epoch and d owns it: a crash forgets both bits, both read upstream
         return d is None or d.bits is None or d.owns_durably(g)
 
     def _write_grain(self, v: Vol, g: int, goff: int, piece: bytes | memoryview) -> None:
