@@ -150,6 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="host:port for Prometheus metrics, empty = off (env CSI_METRICS_ADDRESS)",
     )
 
+    serve.add_argument(
+        "--operations",
+        choices=("auto", "on", "off"),
+        default=_env("CSI_OPERATIONS", "auto"),
+        help="reconcile VolumeRestore/VolumeRefresh objects, keep FlashCopyNode status and record Events, on the "
+        "leading controller (a Lease); auto: on with --mode controller|all and --namespace when a Kubernetes "
+        "API is reachable (env CSI_OPERATIONS)",
+    )
+    serve.add_argument(
+        "--operations-poll",
+        type=float,
+        default=float(_env("CSI_OPERATIONS_POLL", "2")),
+        help="seconds between two passes of the operations loop (env CSI_OPERATIONS_POLL)",
+    )
     _add_cluster(serve, engine=False)
 
     engine = sub.add_parser("engine", help="run the node engine process (volume data, FUSE exports)")
@@ -176,8 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--state-dir", default=_env("CSI_FLASHCOPY_STATE_DIR", "./state"))
 
     from csi_driver.k8s.clones import add_clone_parser
+    from csi_driver.ops.commands import add_parsers
 
     add_clone_parser(sub)
+    add_parsers(sub)
     return parser
 
 
@@ -203,6 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from csi_driver.k8s.clones import run_clone
 
         return run_clone(args)
+    if args.command in ("status", "restore", "refresh"):
+        from csi_driver.ops.commands import run
+
+        return run(args)
     return 2
 
 

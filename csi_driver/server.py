@@ -39,6 +39,7 @@ from csi_driver.k8s.apiclient import api_client
 from csi_driver.k8s.leases import LeaseDirectory
 from csi_driver.logs import configure_logging
 from csi_driver.metrics import EngineCollector, RpcMetrics, new_registry, serve_metrics
+from csi_driver.ops.reconciler import Operations, start_for_serve
 from csi_driver.proto_gen import csi_pb2_grpc
 from csi_driver.remote.client import RemoteBackend
 from csi_driver.remote.cluster import ClusterBackend
@@ -238,6 +239,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     code = 0
     started: StartedEngine | None = None
+    operations: Operations | None = None
     try:
         t0 = time.monotonic()
         opened = _open_backend(args, stop)
@@ -246,6 +248,8 @@ def run_serve(args: argparse.Namespace) -> int:
             if isinstance(backend, EmbeddedBackend):
                 engine_metrics.attach(backend.engine, datapath=lambda: getattr(backend, "_datapath", None))
             slot.set(backend)
+            operations = start_for_serve(args, backend, driver_name=settings.driver_name,
+                                         node_id=settings.node_id)
             log.info("engine open", extra={"fields": {"state_dir": args.state_dir,
                                                       "seconds": round(time.monotonic() - t0, 3)}})
         while not stop.wait(1.0):
@@ -253,6 +257,8 @@ def run_serve(args: argparse.Namespace) -> int:
     except Exception:
         log.exception("engine failed to open")
         code = 1
+    if operations is not None:
+        operations.stop()
     log.info("shutting down: draining in-flight calls")
     server.stop(GRACE_SECONDS).wait()
     try:

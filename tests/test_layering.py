@@ -35,8 +35,9 @@ ALLOWED: dict[str, set[str]] = {
     "k8s": {"api", "engine", "logs"},
     "demo": {"engine"},
     "server": {"api", "engine", "status", "proto_gen", "embedded", "datapath", "remote", "csi", "sockets",
-               "logs", "k8s", "metrics"},
-    "cli": {"server", "remote", "k8s", "demo", "logs", "engine", "api"},
+               "logs", "k8s", "ops", "metrics"},
+    "ops": {"api", "engine", "status", "csi", "k8s", "embedded", "remote", "logs"},
+    "cli": {"server", "remote", "k8s", "demo", "logs", "engine", "api", "ops"},
     "__main__": {"cli"},
     "__init__": set(),
 }

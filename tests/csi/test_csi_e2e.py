@@ -47,7 +47,7 @@ def test_capabilities(server: CsiServer) -> None:
     names = {CTL_RPC.Type.Name(c.rpc.type) for c in caps}
     assert names == {"CREATE_DELETE_VOLUME", "LIST_VOLUMES", "GET_CAPACITY", "CREATE_DELETE_SNAPSHOT",
                      "LIST_SNAPSHOTS", "CLONE_VOLUME", "EXPAND_VOLUME", "VOLUME_CONDITION", "GET_VOLUME",
-                     "SINGLE_NODE_MULTI_WRITER", "GET_SNAPSHOT"}
+                     "SINGLE_NODE_MULTI_WRITER", "GET_SNAPSHOT", "MODIFY_VOLUME"}
     gcaps = server.group.GroupControllerGetCapabilities(csi_pb2.GroupControllerGetCapabilitiesRequest())
     assert [c.rpc.type for c in gcaps.capabilities] == [
         csi_pb2.GroupControllerServiceCapability.RPC.CREATE_DELETE_GET_VOLUME_GROUP_SNAPSHOT]
@@ -66,8 +66,6 @@ def test_node_get_info(server: CsiServer) -> None:
 def test_not_advertised_rpcs_are_unimplemented(server: CsiServer) -> None:
     req = csi_pb2.ControllerPublishVolumeRequest(volume_id="vol-x", node_id=NODE_ID, volume_capability=mount_cap())
     assert rpc_code(server.controller.ControllerPublishVolume, req) == C.UNIMPLEMENTED
-    assert rpc_code(server.controller.ControllerModifyVolume,
-                    csi_pb2.ControllerModifyVolumeRequest(volume_id="vol-x")) == C.UNIMPLEMENTED
 
 
 # ---------------------------------------------------------------------------------------------- CreateVolume

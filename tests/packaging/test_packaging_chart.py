@@ -32,7 +32,7 @@ def test_lint_strict(helm: str, tmp_path: Path, name: str) -> None:
 def test_default_render_objects(renders: dict[str, list[pm.Obj]]) -> None:
     objs = renders["defaults"]
     kinds = sorted((o["kind"], o["metadata"]["name"]) for o in objs)
-    roles = ("leader-election", "engine-lease-writer", "engine-lease-reader", "provisioner-capacity")
+    roles = ("leader-election", "engine-lease-writer", "engine-lease-reader", "provisioner-capacity", "operations")
     assert kinds == sorted([
         ("CSIDriver", "flashcopy.csi.dev"),
         ("ServiceAccount", "csi-flashcopy-node"),
@@ -44,6 +44,8 @@ def test_default_render_objects(renders: dict[str, list[pm.Obj]]) -> None:
         ("ClusterRoleBinding", "csi-flashcopy-provisioner"),
         ("ClusterRoleBinding", "csi-flashcopy-snapshotter"),
         ("ClusterRoleBinding", "csi-flashcopy-resizer"),
+        ("ClusterRole", "csi-flashcopy-operations"),
+        ("ClusterRoleBinding", "csi-flashcopy-operations"),
         *((kind, f"csi-flashcopy-{r}") for r in roles for kind in ("Role", "RoleBinding")),
         ("DaemonSet", "csi-flashcopy-node"),
         ("Deployment", "csi-flashcopy-controller"),
@@ -91,7 +93,8 @@ def test_single_node_render(renders: dict[str, list[pm.Obj]]) -> None:
     assert "engine-tls" not in {v["name"] for v in spec["volumes"]}
     (csidriver,) = pm.of_kind(objs, "CSIDriver")
     assert "storageCapacity" not in csidriver["spec"]
-    assert sorted(o["metadata"]["name"] for o in pm.of_kind(objs, "Role")) == ["csi-flashcopy-leader-election"]
+    assert sorted(o["metadata"]["name"] for o in pm.of_kind(objs, "Role")) == ["csi-flashcopy-leader-election",
+                                                                               "csi-flashcopy-operations"]
     assert [o["metadata"]["name"] for o in pm.of_kind(objs, "ServiceAccount")] == ["csi-flashcopy-node"]
 
 

@@ -48,7 +48,7 @@ def all_renders(
 
 def test_chart_defaults_equal_kustomize(helm: str, kustomized: dict[str, list[pm.Obj]]) -> None:
     for kust_name, (_, values) in pm.KUSTOMIZE_RENDERS.items():
-        chart = pm.by_key([pm.strip_helm_labels(o) for o in pm.helm_template(values)])
+        chart = pm.by_key([pm.strip_helm_labels(o) for o in pm.helm_template(values, extra=("--include-crds",))])
         kust = pm.by_key(kustomized[kust_name])
         assert sorted(chart) == sorted(kust), f"{kust_name}: objects differ"
         for k in chart:
@@ -98,7 +98,10 @@ def test_csi_flashcopy_args_parse_with_the_cli(renders: dict[str, list[pm.Obj]],
                     own_engine = not values["engine"]["separateContainer"]
                     assert ns.engine_listen == (listen if own_engine else ""), name
                     assert ns.tls_dir == (tls_dir if own_engine else ""), name
-                    assert ns.namespace == (pm.NAMESPACE if own_engine and multi else ""), name
+                    # the engine's Leases (multi-node), or the operations loop beside the controller (--mode all)
+                    assert ns.namespace == (pm.NAMESPACE if (own_engine and multi) or ns.mode == "all" else ""), name
+                    assert ns.operations == ("auto" if ns.mode == "all" and values["operations"]["enabled"]
+                                             else "off" if ns.mode == "all" else "auto"), name
             else:  # the engine container
                 assert (ns.listen, ns.tls_dir, ns.node_id) == (listen, tls_dir, "node-1" if multi else ns.node_id)
                 assert ns.namespace == (pm.NAMESPACE if multi else ""), name
@@ -313,6 +316,9 @@ def test_rbac_least_privilege_wiring(renders: dict[str, list[pm.Obj]], kustomize
                 # the engines write their Lease; the controller reads them and keeps CSIStorageCapacity objects
                 wanted |= ({f"{pm.RELEASE}-engine-lease-writer"} if w["kind"] == "DaemonSet" else
                            {f"{pm.RELEASE}-engine-lease-reader", f"{pm.RELEASE}-provisioner-capacity"})
+            serves_controller = (w["kind"] == "Deployment") == (values["topology"] == "multi-node")
+            if serves_controller and values["operations"]["enabled"]:
+                wanted.add(f"{pm.RELEASE}-operations")  # VolumeRestore/VolumeRefresh, FlashCopyNode, Events
             assert bound.get(sa, set()) == wanted, f"{name} {w['kind']}: {sa} bound to {bound.get(sa)}"
             # a pod without sidecars talking to the API server gets no token
             assert spec.get("automountServiceAccountToken", True) == bool(wanted)
