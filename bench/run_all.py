@@ -19,12 +19,14 @@ FULL = {
     "bench_csi": ["--snapshots", "200"],
     "bench_datapath": [],
     "bench_multinode": ["--snapshots", "100", "--groups", "20"],
+    "bench_operations": ["--size-mib", "1024"],
 }
 QUICK = {
     "bench_engine": ["--size-mib", "128"],
     "bench_csi": ["--snapshots", "20"],
     "bench_datapath": ["--size-mib", "256", "--trials", "1", "--rand-mib", "16"],
     "bench_multinode": ["--snapshots", "20", "--groups", "5"],
+    "bench_operations": ["--size-mib", "64"],
 }
 
 
