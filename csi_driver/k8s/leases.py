@@ -29,7 +29,8 @@ def _now_micro() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _parse_time(text: str | None) -> float:
+def parse_time(text: str | None) -> float:
+    """Seconds since the epoch of an API timestamp (RFC 3339, 'Z'), 0 when absent or unreadable."""
     if not text:
         return 0.0
     try:
@@ -161,7 +162,7 @@ class LeaseDirectory:
         if not name:
             return None
         return LeaseRecord(node=name, address=(meta.get("annotations") or {}).get(ADDRESS, ""),
-                           renew_time=_parse_time(spec.get("renewTime")),
+                           renew_time=parse_time(spec.get("renewTime")),
                            duration=float(spec.get("leaseDurationSeconds") or 0))
 
     def _list(self) -> str:

@@ -25,6 +25,7 @@ from csi_driver.api import Backend, CopyStatus, Report
 from csi_driver.engine.model import DEFAULT_COPY_RATE
 from csi_driver.k8s.clones import MANAGED_BY, SNAPSHOT_ANNOTATION, SOURCE_ANNOTATION
 from csi_driver.k8s.leader import LeaderElector
+from csi_driver.k8s.leases import parse_time
 from csi_driver.ops import actions, view
 
 log = logging.getLogger("csi_flashcopy.operations")
@@ -40,15 +41,6 @@ DONE = ("Completed", "Failed")
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _ts(text: str | None) -> float:
-    if not text:
-        return 0.0
-    try:
-        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return 0.0
 
 
 class Retry(Exception):
@@ -250,14 +242,18 @@ class Operations:
         for mid, m in now.items():
             before = last.get(mid)
             if before is None:
+                if m.state == "idle_or_copied" and m.start_time:  # made and copied between two polls
+                    self._about(m.target_id, "Normal", "CopyCompleted",
+                                f"background copy from {m.source_id} complete: the volume is independent of it")
                 continue
             target = f"{m.target_id}"
+            restarted = m.start_time != before.start_time  # a refresh: started again, perhaps done already
             if m.state == "stopped" and before.state != "stopped":
                 self._about(target, "Warning", "FlashCopyStopped",
                             f"FlashCopy mapping {m.id} from {m.source_id} stopped: {m.error or 'stopped'}")
             elif m.error.startswith(WAITING_FOR_SPACE) and not before.error.startswith(WAITING_FOR_SPACE):
                 self._about(target, "Warning", "CopyWaitingForSpace", f"mapping {m.id}: {m.error}")
-            elif m.state == "idle_or_copied" and before.state == "copying":
+            elif m.state == "idle_or_copied" and (before.state == "copying" or restarted):
                 self._about(target, "Normal", "CopyCompleted",
                             f"background copy from {m.source_id} complete: the volume is independent of it")
         for mid, before in last.items():
@@ -322,7 +318,7 @@ class Operations:
             return
         if phase == "Restoring":
             # a previous leader may have restored and died before saying so: its mapping is then here
-            started = _ts(st.get("startTime"))
+            started = parse_time(st.get("startTime"))
             m = next((x for x in report.mappings if x.restore and x.target_id == st.get("volumeHandle")
                       and x.start_time >= started - 1), None)
             if m is not None:

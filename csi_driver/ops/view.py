@@ -92,13 +92,15 @@ def render(doc: dict[str, Any]) -> Any:
     for col in ("ID", "KIND", "SOURCE", "TARGET", "STATE", "RATE", "PROGRESS", "", "LEFT", "ERROR"):
         mt.add_column(col)
     for m in doc["mappings"]:
-        busy = m["state"] in BUSY
+        # a copy at rate 0 (a no-copy snapshot, a paused clone) moves grains only on copy-on-write: no bar
+        busy = m["state"] == "stopping" or (m["state"] == "copying" and m["copyRate"] > 0)
         bar: Any = ProgressBar(total=100.0, completed=m["progress"], width=20) if busy else ""
         left = m["bytesToCopy"] if m["state"] == "copying" else m["bytesToClean"]
         mt.add_row(m["id"], m["kind"], m["source"], m["target"],
                    Text(m["state"], style="red" if m["state"] == "stopped" else ""),
                    f"{m['copyRate']}/{m['cleanRate']}", f"{m['progress']:.1f}%", bar,
-                   human_bytes(left) if busy else "", Text(m["error"], style="red"))
+                   human_bytes(left) if busy else ("no copy" if m["state"] == "copying" else ""),
+                   Text(m["error"], style="red"))
     parts: list[Any] = [vt, mt]
     if doc["groups"]:
         gt = Table(title="Consistency groups", title_justify="left", expand=False)

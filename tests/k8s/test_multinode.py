@@ -10,6 +10,7 @@ block device) and read back from restores.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -22,7 +23,9 @@ from typing import Any
 import grpc
 import pytest
 
+from tests.k8s.staging import StagedBlock
 from tests.k8s.test_k8s_flow import SKIP, Cluster, _free_port, running_peer
+from tests.packaging import packaging_manifests as pm
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.skipif(SKIP is not None or os.geteuid() != 0,
@@ -94,6 +97,15 @@ class MultiNode:
         ch = grpc.insecure_channel(f"unix:{self.sock}")
         return csi_pb2_grpc.ControllerStub(ch), csi_pb2_grpc.GroupControllerStub(ch), ch
 
+    def ready(self) -> bool:
+        from csi_driver.proto_gen import csi_pb2, csi_pb2_grpc
+
+        with grpc.insecure_channel(f"unix:{self.sock}") as ch:
+            try:
+                return bool(csi_pb2_grpc.IdentityStub(ch).Probe(csi_pb2.ProbeRequest(), timeout=5).ready.value)
+            except grpc.RpcError:
+                return False
+
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}:\n" + "\n".join(p.read_text(errors="replace").splitlines()[-30:])
                          for p in sorted(self.root.glob("*.log")))
@@ -114,6 +126,9 @@ def mn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MultiNode]:
             storage.create_csi_node({"metadata": {"name": n}, "spec": {"drivers": [
                 {"name": DRIVER, "nodeID": n, "topologyKeys": [KEY]}]}})
             m.start_engine(n)
+        # the operations CRDs (the chart's crds/): the controller's operations loop runs on it too
+        c.kubectl("apply", "-f", str(pm.REPO / "charts" / "csi-flashcopy" / "crds"))
+        c.kubectl("wait", "--for", "condition=Established", "--timeout=60s", "crd", "--all")
         m.start_controller()
         # the chart's provisioner flags: strict topology (requisite = the selected node), capacity per node
         c.start("csi-provisioner", [str(c.peer_bin / "csi-provisioner"), "--csi-address", str(m.sock),
@@ -123,6 +138,7 @@ def mn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MultiNode]:
         m.api = api  # type: ignore[attr-defined]
         try:
             wait_for(lambda: m.sock.exists(), timeout=WAIT, what="controller socket")
+            wait_for(m.ready, timeout=WAIT, what="controller Probe ready (every engine Lease listed)")
             yield m
         except BaseException:
             print(m.logs(), c.logs())
@@ -338,6 +354,37 @@ def _member_counts(mn: MultiNode, group: str, nodes: tuple[str, ...] | None = No
     return out
 
 
+def test_operations_through_the_controller_status_per_node_and_restore_in_place(mn: MultiNode) -> None:
+    """The controller's operations loop over every node's engine: one FlashCopyNode per node, and a restore in
+    place sent to the node that holds the volume."""
+    from kubernetes import client
+
+    n = NODES[1]
+    _pvc(mn, "ops-db", n)
+    handle = _bound_pv(mn, "ops-db").spec.csi.volume_handle
+    _write_block(mn, n, handle, b"before".ljust(4096, b"."))
+    _snapshot(mn, "ops-db-s", "ops-db")
+    _write_block(mn, n, handle, b"after".ljust(4096, b"."))
+    crd = client.CustomObjectsApi(mn.api)  # type: ignore[attr-defined]
+
+    def per_node() -> dict[str, Any] | None:
+        items = crd.list_namespaced_custom_object("flashcopy.csi.dev", "v1alpha1", NS, "flashcopynodes")["items"]
+        found = {o["metadata"]["name"]: o.get("status") or {} for o in items}
+        ok = set(NODES) <= set(found) and any(v["id"] == handle for v in found[n].get("volumes", []))
+        return found if ok else None
+    found = wait_for(per_node, timeout=WAIT, what="a FlashCopyNode per node", interval=0.5)
+    assert all(v["node"] == n for v in found[n]["volumes"])
+    env = dict(mn.c.env, PYTHONPATH=str(pm.REPO))
+    r = subprocess.run([sys.executable, "-m", "csi_driver", "restore", "-n", NS, "--pvc", "ops-db", "--snapshot",
+                        "ops-db-s", "--wait", "60"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr + mn.logs()
+    assert _write_block(mn, n, handle, None).startswith(b"before")
+    r = subprocess.run([sys.executable, "-m", "csi_driver", "status", "-n", NS, "-o", "json"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    doc = json.loads(r.stdout)
+    assert {v["node"] for v in doc["volumes"]} >= {n} and not doc["missingNodes"]
+
+
 def test_group_snapshot_across_three_nodes(mn: MultiNode) -> None:
     from csi_driver.proto_gen import csi_pb2
 
@@ -400,27 +447,9 @@ def test_controller_restart_loses_nothing(mn: MultiNode) -> None:
     wait_for(lambda: listed() == before, timeout=WAIT, what="the same volumes after a controller restart")
 
 
-class Staged:
+def Staged(mn: MultiNode, node: str, volume_id: str) -> StagedBlock:  # noqa: N802 - reads as the class it makes
     """A volume staged and published as a raw block device on its node, through that node's engine."""
-
-    def __init__(self, mn: MultiNode, node: str, volume_id: str) -> None:
-        from csi_driver.remote.client import RemoteBackend
-
-        self.b = RemoteBackend(mn.engines[node].sock)
-        self.vid = volume_id
-        work = mn.root / "paths" / volume_id
-        self.staging, self.target = work / "staging", work / "target"
-        self.staging.mkdir(parents=True, exist_ok=True)
-        self.b.node_stage(volume_id, str(self.staging), block=True, fs_type="", mount_flags=[], read_only=False)
-        self.b.node_publish(volume_id, str(self.staging), str(self.target), block=True, read_only=False,
-                            mount_flags=[])
-        self.fd = os.open(self.target, os.O_RDWR)
-
-    def close(self) -> None:
-        os.close(self.fd)
-        self.b.node_unpublish(self.vid, str(self.target))
-        self.b.node_unstage(self.vid, str(self.staging))
-        self.b.close()
+    return StagedBlock(mn.engines[node].sock, mn.root / "paths" / volume_id, volume_id)
 
 
 def test_group_snapshot_under_a_dependent_write_chain_restores_a_prefix(mn: MultiNode) -> None:

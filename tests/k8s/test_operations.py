@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from csi_driver.datapath import datapath_unavailable
+from tests.k8s.staging import StagedBlock
 from tests.k8s.test_k8s_flow import DRIVER, NODE, POLL, SKIP, WAIT, Cluster, running_peer
 from tests.packaging import packaging_manifests as pm
 from tests.waiting import wait_for
@@ -105,32 +106,8 @@ class Env:
         return [e for e in items if e["involvedObject"]["name"] == name and e["reason"] == reason]
 
 
-class Staged:
-    """A volume staged and published as a raw block device, through the engine (the node plugin's job)."""
-
-    def __init__(self, env: Env, volume_id: str) -> None:
-        self.b = env.engine()
-        self.vid = volume_id
-        work = env.state.parent / "paths" / volume_id
-        self.staging, self.target = work / "staging", work / "target"
-        self.staging.mkdir(parents=True, exist_ok=True)
-        self.b.node_stage(volume_id, str(self.staging), block=True, fs_type="", mount_flags=[], read_only=False)
-        self.b.node_publish(volume_id, str(self.staging), str(self.target), block=True, read_only=False,
-                            mount_flags=[])
-        self.fd = os.open(self.target, os.O_RDWR)
-
-    def write(self, offset: int, data: bytes) -> None:
-        os.pwrite(self.fd, data, offset)
-        os.fsync(self.fd)
-
-    def read(self, offset: int, n: int) -> bytes:
-        return os.pread(self.fd, n, offset)
-
-    def close(self) -> None:
-        os.close(self.fd)
-        self.b.node_unpublish(self.vid, str(self.target))
-        self.b.node_unstage(self.vid, str(self.staging))
-        self.b.close()
+def Staged(env: Env, volume_id: str) -> StagedBlock:  # noqa: N802 - reads as the class it makes
+    return StagedBlock(f"unix://{env.sock}", env.state.parent / "paths" / volume_id, volume_id)
 
 
 def write(env: Env, vid: str, chunks: dict[int, bytes]) -> None:
@@ -264,8 +241,12 @@ def test_refresh_of_three_clones_copies_only_changed_grains(env: Env) -> None:
                       6 * GRAIN: block("prod-new-6")})
     write(env, clones["prod-clone-1"], {7 * GRAIN: block("scribble")})  # the clone's own change goes too
 
+    completed_before = len(env.events("prod-clone-1", "CopyCompleted"))
     r = env.cli("refresh", "--namespace", NS, "--selector", "team=qa", "--copy-rate", "150", "--wait", "120")
     assert r.returncode == 0, r.stdout + r.stderr
+    # the refresh's background copy completing is news on the PVC too
+    wait_for(lambda: len(env.events("prod-clone-1", "CopyCompleted")) > completed_before, timeout=WAIT,
+             interval=POLL, what="CopyCompleted Event after the refresh")
     refresh = env.api.resources.get(api_version=OPS, kind="VolumeRefresh").get(namespace=NS).to_dict()["items"]
     st = refresh[-1]["status"]
     assert st["phase"] == "Completed", st
@@ -363,3 +344,24 @@ def test_status_json_shows_snapshots_clones_in_progress_and_a_stopped_mapping_wi
 
     r = env.cli("status", "--state-dir", str(env.state))  # the table renders too
     assert "Mappings" in r.stdout and "stopped" in r.stdout
+
+
+def test_leader_election_one_leader_and_takeover_only_after_expiry(env: Env) -> None:
+    from kubernetes import client, config
+
+    from csi_driver.k8s.leader import LeaderElector
+
+    api = config.new_client_from_config(config_file=str(env.peer.kubeconfig))
+    a = LeaderElector(api, DRIVER_NS, "test-leader", identity="a", duration=3)
+    b = LeaderElector(api, DRIVER_NS, "test-leader", identity="b", duration=3)
+    assert a.try_once() and a.leading
+    assert not b.try_once() and not b.leading  # a holds an unexpired Lease
+    assert a.try_once()  # renewing keeps it
+    # a stops renewing: b leads once the Lease expired on its own clock, and a knows it no longer leads
+    b_won = wait_for(lambda: b.try_once(), timeout=15, what="b takes over the expired Lease", interval=0.2)
+    assert b_won and not a.leading
+    lease = client.CoordinationV1Api(api).read_namespaced_lease("test-leader", DRIVER_NS)
+    assert lease.spec.holder_identity == "b" and lease.spec.lease_transitions == 1
+    assert not a.try_once()
+    b.stop()  # a clean stop releases the Lease: the next replica leads at once
+    assert a.try_once() and a.leading
