@@ -11,6 +11,7 @@ import re
 
 _NOT_FULL = re.compile(rb"[^\xff]")
 _NOT_EMPTY = re.compile(rb"[^\x00]")
+_NONZERO_RUN = re.compile(rb"[^\x00]+")
 
 
 class Bitmap:
@@ -128,3 +129,29 @@ def set_grains(data: bytes, n: int) -> list[int]:
             if byte & (1 << k) and base + k < n:
                 out.append(base + k)
     return out
+
+
+def bit_runs(data: bytes, n: int) -> list[tuple[int, int]]:
+    """Runs of set bits of a packed bitmap of n bits, as (first, count), ascending and merged.
+
+    Cost follows the set bytes: zero bytes are skipped by one regex scan, full bytes add eight bits at once.
+    """
+    out: list[list[int]] = []
+    for m in _NONZERO_RUN.finditer(data):
+        base = m.start() << 3
+        for i, byte in enumerate(m.group()):
+            g0 = base + (i << 3)
+            spans: tuple[tuple[int, int], ...]
+            if byte == 0xFF:
+                spans = ((g0, g0 + 8),)
+            else:
+                spans = tuple((g0 + k, g0 + k + 1) for k in range(8) if byte & (1 << k))
+            for a, b in spans:
+                b = min(b, n)
+                if a >= b:
+                    continue
+                if out and out[-1][1] == a:
+                    out[-1][1] = b
+                else:
+                    out.append([a, b])
+    return [(a, b - a) for a, b in out]

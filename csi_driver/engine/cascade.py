@@ -198,18 +198,35 @@ class Cascade(Durability):
             v.bits.set(g)
             self._bits_dirty["v:" + v.id] = (v.bits, v)
 
+    def _owned_between(self, b: Vol, t: Vol) -> int | None:
+        """The grains (an int mask over max(b, t) grains) some node owns on the cascade path from b and from t up
+        to their nearest common node, that node excluded; None when b and t share no node (different cascades,
+        or one was split or detached from its chain).
+
+        Invariant (from I1 and I2): a grain outside the mask is served to b and to t by the same node, the
+        common one or one above it, so its views in b and t are the same bytes. Every grain whose views differ
+        is in the mask. Costs bitmap operations on ints of the volume's grain count, never a data read.
+        """
+        chain_b, chain_t = _chain_up(b), _chain_up(t)
+        on_b = set(map(id, chain_b))
+        common = next((x for x in chain_t if id(x) in on_b), None)
+        if common is None:
+            return None
+        owned = 0
+        for chain in (chain_b, chain_t):
+            for x in chain:
+                if x is common:
+                    break
+                owned |= x.bits.as_int() if x.bits is not None else (1 << x.ngrains) - 1
+                if x.bits is not None and x.bits.n < x.ngrains:  # owns() counts grains past its bitmap as owned
+                    owned |= ((1 << x.ngrains) - 1) ^ ((1 << x.bits.n) - 1)
+        return owned
+
     def _differing(self, b: Vol, t: Vol) -> list[int]:
         """Grains whose views differ between b and t."""
         n = max(b.ngrains, t.ngrains)
-        chain_b, chain_t = _chain_up(b), _chain_up(t)
-        common = next((x for x in chain_t if x in chain_b), None)
-        if common is not None:
-            owned = 0
-            for chain in (chain_b, chain_t):
-                for x in chain:
-                    if x is common:
-                        break
-                    owned |= x.bits.as_int() if x.bits is not None else (1 << x.ngrains) - 1
+        owned = self._owned_between(b, t)
+        if owned is not None:
             candidates = set_grains(owned.to_bytes((n + 7) >> 3, "little"), n)
         else:
             candidates = list(range(n))
@@ -220,6 +237,39 @@ class Cascade(Durability):
             if a != c:
                 out.append(g)
         return out
+
+    def _allocated_mask(self, v: Vol) -> int:
+        """The grains of v's view (an int mask over v's grains) whose serving node (I1) holds data for them: data
+        in its file (SEEK_DATA extents, so a hole copied on write stays unreported) or a held grain (I5).
+
+        Invariant: a byte written to v (or to the node v read it through, before v's point in time) and not
+        discarded since lies in a reported grain; a grain that was never written anywhere along the path reads
+        from a hole and is not reported. Walks v's chain upward once, resolving each grain at the first node
+        that owns it; cost follows the data extents of the nodes walked, not the volume size.
+        """
+        n = v.ngrains
+        grain = v.grain
+        unresolved = (1 << n) - 1
+        out = 0
+        x: Vol | None = v
+        while x is not None and unresolved:
+            if x.upstream is None or x.bits is None:
+                here = unresolved
+            else:
+                here = unresolved & x.bits.as_int()
+                if x.bits.n < n:
+                    here |= unresolved & ~((1 << x.bits.n) - 1)
+            if here:
+                data = 0
+                for off, length in self._io.data_extents(self._fd(x), 0, min(n, x.ngrains) * grain):
+                    g0, g1 = off // grain, (off + length - 1) // grain
+                    data |= ((1 << (g1 - g0 + 1)) - 1) << g0
+                for g in x.pending:
+                    data |= 1 << g
+                out |= here & data
+                unresolved &= ~here
+            x = x.upstream
+        return out & ((1 << n) - 1)
 
     # ------------------------------------------------------------------ chain surgery
 

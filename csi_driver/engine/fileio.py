@@ -173,6 +173,31 @@ class FileIO:
             raise
         return nxt >= offset + length
 
+    def data_extents(self, fd: int, offset: int, length: int) -> list[tuple[int, int]]:
+        """The (offset, length) extents of [offset, offset+length) that hold data (SEEK_DATA/SEEK_HOLE), at the
+        file system's block granularity; the whole range when the file system cannot tell."""
+        end = offset + length
+        out: list[tuple[int, int]] = []
+        pos = offset
+        try:
+            while pos < end:
+                try:
+                    start = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError as e:
+                    if e.errno == errno.ENXIO:  # no data after pos
+                        break
+                    raise
+                if start >= end:
+                    break
+                stop = min(end, os.lseek(fd, start, os.SEEK_HOLE))
+                out.append((start, stop - start))
+                pos = stop
+        except OSError as e:
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                return [(offset, length)] if length else []
+            raise
+        return out
+
     @_engine_errors
     def commit_metadata(self, store: Any, changes: Any) -> None:
         """One metadata transaction (routed here so tests can crash the engine at this point too)."""
