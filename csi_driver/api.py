@@ -222,6 +222,34 @@ class Backend(Protocol):
         """Incremental refresh of a clone to source_id's data: only grains changed on either side since its
         last start are copied (their count is returned). InvalidState while staged."""
 
+    # -- changed-block tracking (from the bitmaps; no data is read)
+
+    def allocated_extents(self, volume_id: str, *, start: int, limit: int) -> ExtentPage:
+        """The grains of volume_id holding data (every byte written and not discarded; nothing never written),
+        from the extent holding byte `start` (cut to the start of its grain), `limit` extents at most
+        (1..MAX_EXTENTS_PAGE). NotFound, OutOfRange (start past the end), InvalidState (offline)."""
+
+    def delta_extents(self, base_id: str, target_id: str, *, start: int, limit: int) -> ExtentPage:
+        """The grains where target may differ from base (covering every changed byte, reporting no grain the
+        same by construction), paged as allocated_extents. InvalidState when tracking is not possible (no
+        common cascade, offline) or base is not older than target; InvalidState too for ids on different
+        nodes."""
+
+
+@dataclass(frozen=True)
+class ExtentPage:
+    """A page of changed-block extents: (offset, length) byte ranges, ascending, merged, grain granular.
+
+    size: the volume's size (of the target, for a delta). The page holds at most the limit asked for; when it
+    is full, the next page is asked for from the end of its last extent.
+    """
+
+    size: int
+    extents: tuple[tuple[int, int], ...]
+
+
+MAX_EXTENTS_PAGE = 16384  # extents per page at most: a page stays well under gRPC's 4 MiB message limit
+
 
 @dataclass(frozen=True)
 class NodeStats:

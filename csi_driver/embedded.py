@@ -14,7 +14,9 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 
 from csi_driver.api import (
+    MAX_EXTENTS_PAGE,
     CopyStatus,
+    ExtentPage,
     GroupStatus,
     NodeDataPath,
     NodeInfo,
@@ -321,6 +323,18 @@ class EmbeddedBackend:
         self._refuse_staged(volume_id, "a refresh")
         m, grains = self.engine.refresh(volume_id, source_id, copy_rate=copy_rate)
         return copy_status(m), grains
+
+    def allocated_extents(self, volume_id: str, *, start: int, limit: int) -> ExtentPage:
+        ext = self.engine.allocated_extents(volume_id, start=start, limit=_page_limit(limit))
+        return ExtentPage(size=self.engine.get_volume(volume_id).size, extents=tuple(ext))
+
+    def delta_extents(self, base_id: str, target_id: str, *, start: int, limit: int) -> ExtentPage:
+        ext = self.engine.delta_extents(base_id, target_id, start=start, limit=_page_limit(limit))
+        return ExtentPage(size=self.engine.get_volume(target_id).size, extents=tuple(ext))
+
+
+def _page_limit(limit: int) -> int:
+    return MAX_EXTENTS_PAGE if limit <= 0 else min(limit, MAX_EXTENTS_PAGE)
 
 
 def copy_status(m: MappingInfo) -> CopyStatus:

@@ -131,13 +131,15 @@ def set_grains(data: bytes, n: int) -> list[int]:
     return out
 
 
-def bit_runs(data: bytes, n: int) -> list[tuple[int, int]]:
-    """Runs of set bits of a packed bitmap of n bits, as (first, count), ascending and merged.
+def bit_runs(data: bytes, n: int, *, start: int = 0, limit: int = 0) -> list[tuple[int, int]]:
+    """Runs of set bits of a packed bitmap of n bits, as (first, count), ascending and merged: those ending
+    after bit `start` (a run holding `start` is cut to begin there), at most `limit` of them (0 = all).
 
-    Cost follows the set bytes: zero bytes are skipped by one regex scan, full bytes add eight bits at once.
+    Cost follows the set bytes from `start` on (and the runs asked for): zero bytes are skipped by one regex
+    scan, full bytes add eight bits at once.
     """
     out: list[list[int]] = []
-    for m in _NONZERO_RUN.finditer(data):
+    for m in _NONZERO_RUN.finditer(data, max(0, start) >> 3):
         base = m.start() << 3
         for i, byte in enumerate(m.group()):
             g0 = base + (i << 3)
@@ -147,11 +149,13 @@ def bit_runs(data: bytes, n: int) -> list[tuple[int, int]]:
             else:
                 spans = tuple((g0 + k, g0 + k + 1) for k in range(8) if byte & (1 << k))
             for a, b in spans:
-                b = min(b, n)
+                a, b = max(a, start), min(b, n)
                 if a >= b:
                     continue
                 if out and out[-1][1] == a:
                     out[-1][1] = b
                 else:
+                    if limit and len(out) == limit:  # the runs kept are complete: the next one starts apart
+                        return [(a, b - a) for a, b in out]
                     out.append([a, b])
     return [(a, b - a) for a, b in out]

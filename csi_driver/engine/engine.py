@@ -276,19 +276,24 @@ class Engine(Groups, Jobs):
 
     # ------------------------------------------------------------------ changed-block tracking
 
-    def allocated_extents(self, volume_id: str) -> list[tuple[int, int]]:
+    def allocated_extents(self, volume_id: str, *, start: int = 0, limit: int = 0) -> list[tuple[int, int]]:
         """(offset, length) extents, ascending and merged, grain granular, of the grains of volume_id's view that
         hold data: every byte ever written and not discarded lies in one; a grain never written is in none.
 
         From the bitmaps (I1: which node serves each grain) and that node's SEEK_DATA extents; no data is read.
-        NotFound for an unknown id; InvalidState when the volume is offline (its data is not available).
+        Paged: only extents ending after byte `start` (the one holding it begins at the start of its grain), at
+        most `limit` (0 = all); the next page starts at the end of the last extent. OutOfRange for a start
+        at or past the volume's end (except 0). NotFound for an unknown id; InvalidState when the volume is
+        offline (its data is not available).
         """
         with self._lock:
             v = self._vol(volume_id)
             _check_trackable(v)
-            return _mask_extents(self._allocated_mask(v), v.grain, v.size)
+            _check_start(v, start)
+            return _mask_extents(self._allocated_mask(v), v.grain, v.size, start, limit)
 
-    def delta_extents(self, base_id: str, target_id: str) -> list[tuple[int, int]]:
+    def delta_extents(self, base_id: str, target_id: str, *, start: int = 0,
+                      limit: int = 0) -> list[tuple[int, int]]:
         """(offset, length) extents, ascending and merged, grain granular, covering every byte where target's view
         differs from base's (over target's size; grains past base's end count as changed).
 
@@ -300,7 +305,7 @@ class Engine(Groups, Jobs):
         NotFound for an unknown id. InvalidState ("tracking not possible") when base and target share no node of
         a cascade (different cascades; a snapshot split from its chain after a full copy, or whose mapping was
         stopped), when either is offline, when their grain sizes differ, and when base is not older than target
-        (`_point_in_time`).
+        (`_point_in_time`). Paged as `allocated_extents`, over target's size.
         """
         with self._lock:
             b, t = self._vol(base_id), self._vol(target_id)
@@ -313,7 +318,8 @@ class Engine(Groups, Jobs):
             owned = self._owned_between(b, t)
             if owned is None:
                 raise errors.InvalidState(f"tracking not possible: {b.id} and {t.id} share no cascade")
-            return _mask_extents(owned & ((1 << t.ngrains) - 1), t.grain, t.size)
+            _check_start(t, start)
+            return _mask_extents(owned & ((1 << t.ngrains) - 1), t.grain, t.size, start, limit)
 
     def _point_in_time(self, v: Vol) -> float:
         """The instant v's data stands for: the start of the mapping that made it a copy (a snapshot or clone);
@@ -407,11 +413,16 @@ def _check_trackable(v: Vol) -> None:
         raise errors.InvalidState(f"tracking not possible: volume {v.id} is offline: {v.offline}")
 
 
-def _mask_extents(mask: int, grain: int, size: int) -> list[tuple[int, int]]:
-    """A grain mask as byte extents, merged, clipped to size."""
+def _check_start(v: Vol, start: int) -> None:
+    if start < 0 or (start and start >= v.size):
+        raise errors.OutOfRange(f"offset {start} is outside volume {v.id} ({v.size} bytes)")
+
+
+def _mask_extents(mask: int, grain: int, size: int, start: int = 0, limit: int = 0) -> list[tuple[int, int]]:
+    """A grain mask as byte extents, merged, clipped to size, from the grain holding `start`, `limit` at most."""
     n = size // grain
     out: list[tuple[int, int]] = []
-    for first, count in bit_runs(mask.to_bytes((n + 7) >> 3 or 1, "little"), n):
+    for first, count in bit_runs(mask.to_bytes((n + 7) >> 3 or 1, "little"), n, start=start // grain, limit=limit):
         off = first * grain
         out.append((off, min(count * grain, size - off)))
     return out

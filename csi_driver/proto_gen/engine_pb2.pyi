@@ -494,3 +494,35 @@ class RefreshVolumeResponse(_message.Message):
     mapping: CopyStatus
     grains_to_copy: int
     def __init__(self, mapping: _Optional[_Union[CopyStatus, _Mapping]] = ..., grains_to_copy: _Optional[int] = ...) -> None: ...
+
+class AllocatedExtentsRequest(_message.Message):
+    __slots__ = ("volume_id", "start", "limit")
+    VOLUME_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    volume_id: str
+    start: int
+    limit: int
+    def __init__(self, volume_id: _Optional[str] = ..., start: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class DeltaExtentsRequest(_message.Message):
+    __slots__ = ("base_id", "target_id", "start", "limit")
+    BASE_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_ID_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    base_id: str
+    target_id: str
+    start: int
+    limit: int
+    def __init__(self, base_id: _Optional[str] = ..., target_id: _Optional[str] = ..., start: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ExtentsResponse(_message.Message):
+    __slots__ = ("size", "offsets", "lengths")
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    size: int
+    offsets: _containers.RepeatedScalarFieldContainer[int]
+    lengths: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, size: _Optional[int] = ..., offsets: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -129,6 +129,16 @@ class EngineStub:
                 request_serializer=csi__driver_dot_proto__gen_dot_engine__pb2.RefreshVolumeRequest.SerializeToString,
                 response_deserializer=csi__driver_dot_proto__gen_dot_engine__pb2.RefreshVolumeResponse.FromString,
                 _registered_method=True)
+        self.AllocatedExtents = channel.unary_unary(
+                '/flashcopy.engine.v1.Engine/AllocatedExtents',
+                request_serializer=csi__driver_dot_proto__gen_dot_engine__pb2.AllocatedExtentsRequest.SerializeToString,
+                response_deserializer=csi__driver_dot_proto__gen_dot_engine__pb2.ExtentsResponse.FromString,
+                _registered_method=True)
+        self.DeltaExtents = channel.unary_unary(
+                '/flashcopy.engine.v1.Engine/DeltaExtents',
+                request_serializer=csi__driver_dot_proto__gen_dot_engine__pb2.DeltaExtentsRequest.SerializeToString,
+                response_deserializer=csi__driver_dot_proto__gen_dot_engine__pb2.ExtentsResponse.FromString,
+                _registered_method=True)
         self.NodeStage = channel.unary_unary(
                 '/flashcopy.engine.v1.Engine/NodeStage',
                 request_serializer=csi__driver_dot_proto__gen_dot_engine__pb2.NodeStageRequest.SerializeToString,
@@ -285,6 +295,19 @@ class EngineServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AllocatedExtents(self, request, context):
+        """Changed-block tracking from the bitmaps (no data read): one page of extents per call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeltaExtents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def NodeStage(self, request, context):
         """Node data path (loop device on the FUSE export, filesystem, bind mounts), all idempotent.
         """
@@ -419,6 +442,16 @@ def add_EngineServicer_to_server(servicer, server):
                     servicer.RefreshVolume,
                     request_deserializer=csi__driver_dot_proto__gen_dot_engine__pb2.RefreshVolumeRequest.FromString,
                     response_serializer=csi__driver_dot_proto__gen_dot_engine__pb2.RefreshVolumeResponse.SerializeToString,
+            ),
+            'AllocatedExtents': grpc.unary_unary_rpc_method_handler(
+                    servicer.AllocatedExtents,
+                    request_deserializer=csi__driver_dot_proto__gen_dot_engine__pb2.AllocatedExtentsRequest.FromString,
+                    response_serializer=csi__driver_dot_proto__gen_dot_engine__pb2.ExtentsResponse.SerializeToString,
+            ),
+            'DeltaExtents': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeltaExtents,
+                    request_deserializer=csi__driver_dot_proto__gen_dot_engine__pb2.DeltaExtentsRequest.FromString,
+                    response_serializer=csi__driver_dot_proto__gen_dot_engine__pb2.ExtentsResponse.SerializeToString,
             ),
             'NodeStage': grpc.unary_unary_rpc_method_handler(
                     servicer.NodeStage,
@@ -964,6 +997,60 @@ class Engine:
             '/flashcopy.engine.v1.Engine/RefreshVolume',
             csi__driver_dot_proto__gen_dot_engine__pb2.RefreshVolumeRequest.SerializeToString,
             csi__driver_dot_proto__gen_dot_engine__pb2.RefreshVolumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AllocatedExtents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flashcopy.engine.v1.Engine/AllocatedExtents',
+            csi__driver_dot_proto__gen_dot_engine__pb2.AllocatedExtentsRequest.SerializeToString,
+            csi__driver_dot_proto__gen_dot_engine__pb2.ExtentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeltaExtents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flashcopy.engine.v1.Engine/DeltaExtents',
+            csi__driver_dot_proto__gen_dot_engine__pb2.DeltaExtentsRequest.SerializeToString,
+            csi__driver_dot_proto__gen_dot_engine__pb2.ExtentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

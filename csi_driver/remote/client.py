@@ -14,12 +14,12 @@ from typing import Any
 
 import grpc
 
-from csi_driver.api import CopyStatus, NodeInfo, NodeStats, Report, SnapshotItem, Volume
+from csi_driver.api import CopyStatus, ExtentPage, NodeInfo, NodeStats, Report, SnapshotItem, Volume
 from csi_driver.proto_gen import engine_pb2 as pb
 from csi_driver.proto_gen import engine_pb2_grpc as pb_grpc
 from csi_driver.remote import wire
 from csi_driver.remote.tls import TlsFiles, channel_options
-from csi_driver.remote.wire import item_msg, to_copy, to_report, to_stats, to_volume
+from csi_driver.remote.wire import item_msg, to_copy, to_extents, to_report, to_stats, to_volume
 from csi_driver.sockets import unix_socket_path
 
 PING_TIMEOUT = 2.0
@@ -175,6 +175,14 @@ class RemoteBackend:
         r = self._call("RefreshVolume", pb.RefreshVolumeRequest(volume_id=volume_id, source_id=source_id,
                                                                 copy_rate=copy_rate))
         return to_copy(r.mapping, self.node_id), int(r.grains_to_copy)
+
+    def allocated_extents(self, volume_id: str, *, start: int, limit: int) -> ExtentPage:
+        return to_extents(self._call("AllocatedExtents", pb.AllocatedExtentsRequest(
+            volume_id=volume_id, start=start, limit=limit), self.read_timeout))
+
+    def delta_extents(self, base_id: str, target_id: str, *, start: int, limit: int) -> ExtentPage:
+        return to_extents(self._call("DeltaExtents", pb.DeltaExtentsRequest(
+            base_id=base_id, target_id=target_id, start=start, limit=limit), self.read_timeout))
 
     def node_stage(self, volume_id: str, staging_path: str, *, block: bool, fs_type: str,
                    mount_flags: Sequence[str] = (), read_only: bool = False) -> None:

@@ -25,6 +25,7 @@ from typing import Protocol, TypeVar
 
 from csi_driver.api import (
     CopyStatus,
+    ExtentPage,
     NodeInfo,
     NodeStats,
     Report,
@@ -319,6 +320,17 @@ class ClusterBackend:
     def refresh_volume(self, volume_id: str, source_id: str, *, copy_rate: int) -> tuple[CopyStatus, int]:
         _on_one_node(volume_id, source_id)
         return self._for_id(volume_id, lambda c: c.refresh_volume(volume_id, source_id, copy_rate=copy_rate))
+
+    def allocated_extents(self, volume_id: str, *, start: int, limit: int) -> ExtentPage:
+        return self._for_id(volume_id, lambda c: c.allocated_extents(volume_id, start=start, limit=limit))
+
+    def delta_extents(self, base_id: str, target_id: str, *, start: int, limit: int) -> ExtentPage:
+        a, b = id_node_key(base_id), id_node_key(target_id)
+        if a is not None and b is not None and a != b:
+            # each node's cascades are its own: two points in time on different nodes share no cascade
+            raise errors.InvalidState(f"tracking not possible: {base_id} and {target_id} are on different nodes")
+        self._for_id(base_id, lambda c: c.get_volume(base_id))  # NotFound for an id that names no node
+        return self._for_id(target_id, lambda c: c.delta_extents(base_id, target_id, start=start, limit=limit))
 
     def _no_node(self) -> errors.InvalidState:
         return errors.InvalidState("the controller serves no node data path (the node plugins do)")

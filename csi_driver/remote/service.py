@@ -45,7 +45,7 @@ from csi_driver.proto_gen import engine_pb2 as pb
 from csi_driver.proto_gen import engine_pb2_grpc as pb_grpc
 from csi_driver.remote import wire
 from csi_driver.remote.tls import TlsFiles
-from csi_driver.remote.wire import copy_msg, report_msg, stats_msg, to_item, volume_msg
+from csi_driver.remote.wire import copy_msg, extents_msg, report_msg, stats_msg, to_item, volume_msg
 from csi_driver.sockets import bind, unix_endpoint, unix_socket_path
 
 log = logging.getLogger("csi_flashcopy.engine")
@@ -175,6 +175,17 @@ class EngineService(pb_grpc.EngineServicer):
         c, grains = self._do(context, "RefreshVolume", lambda: self.b.refresh_volume(
             request.volume_id, request.source_id, copy_rate=request.copy_rate))
         return pb.RefreshVolumeResponse(mapping=copy_msg(c), grains_to_copy=grains)
+
+    def AllocatedExtents(self, request: pb.AllocatedExtentsRequest,
+                         context: grpc.ServicerContext) -> pb.ExtentsResponse:
+        p = self._do(context, "AllocatedExtents", lambda: self.b.allocated_extents(
+            request.volume_id, start=request.start, limit=request.limit))
+        return extents_msg(p)
+
+    def DeltaExtents(self, request: pb.DeltaExtentsRequest, context: grpc.ServicerContext) -> pb.ExtentsResponse:
+        p = self._do(context, "DeltaExtents", lambda: self.b.delta_extents(
+            request.base_id, request.target_id, start=request.start, limit=request.limit))
+        return extents_msg(p)
 
     def PrepareGroup(self, request: pb.PrepareGroupRequest, context: grpc.ServicerContext) -> pb.Empty:
         items = [to_item(it) for it in request.items]

@@ -13,7 +13,16 @@ from typing import Any
 
 import grpc
 
-from csi_driver.api import CopyStatus, GroupStatus, NodeStats, Report, SnapshotItem, Volume, VolumeStatus
+from csi_driver.api import (
+    CopyStatus,
+    ExtentPage,
+    GroupStatus,
+    NodeStats,
+    Report,
+    SnapshotItem,
+    Volume,
+    VolumeStatus,
+)
 from csi_driver.engine import errors
 from csi_driver.proto_gen import engine_pb2 as pb
 from csi_driver.status import Status, status_for
@@ -29,6 +38,14 @@ class EngineUnavailable(errors.EngineClosed):
 
 
 # -- records
+
+
+def extents_msg(p: ExtentPage) -> pb.ExtentsResponse:
+    return pb.ExtentsResponse(size=p.size, offsets=[o for o, _ in p.extents], lengths=[n for _, n in p.extents])
+
+
+def to_extents(m: pb.ExtentsResponse) -> ExtentPage:
+    return ExtentPage(size=int(m.size), extents=tuple(zip(map(int, m.offsets), map(int, m.lengths), strict=True)))
 
 
 def volume_msg(v: Volume) -> pb.Volume:

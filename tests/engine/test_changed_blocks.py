@@ -180,3 +180,32 @@ def test_sparse_cost_follows_changes(eng: Engine) -> None:
     assert eng.allocated_extents(s2.id) == [(5 << 30, 1 << 20), (40 << 30, 1 << 20)]
     assert eng.delta_extents(s1.id, s2.id) == [(40 << 30, 1 << 20)]
     assert eng.delta_extents(s1.id, v) == [(40 << 30, 1 << 20)]
+
+
+def test_paging(eng: Engine) -> None:
+    v = eng.create_volume("v", 64 * G, grain_size=G).id
+    s0, _ = eng.snapshot(v, "s0")
+    for g in range(0, 64, 3):
+        eng.write(v, g * G, b"x" * (2 * G if g % 2 and g < 63 else 1))
+    s1, _ = eng.snapshot(v, "s1")
+    for get in (lambda **kw: eng.allocated_extents(s1.id, **kw), lambda **kw: eng.delta_extents(s0.id, s1.id, **kw)):
+        whole = get()
+        assert len(whole) > 5
+        pages, start = [], 0
+        while True:
+            page = get(start=start, limit=4)
+            assert len(page) <= 4
+            if not page:
+                break
+            pages += page
+            start = page[-1][0] + page[-1][1]
+            if start >= 64 * G:
+                break
+        assert pages == whole
+        off, length = whole[2]
+        assert get(start=off + 7)[0] == (off, length)          # the extent holding start, from its grain
+        assert get(start=off + G, limit=1) == ([(off + G, length - G)] if length > G else [whole[3]])
+    with pytest.raises(errors.OutOfRange):
+        eng.allocated_extents(s1.id, start=64 * G)
+    with pytest.raises(errors.OutOfRange):
+        eng.delta_extents(s0.id, s1.id, start=-1)
