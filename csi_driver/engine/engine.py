@@ -84,6 +84,7 @@ class Engine(Groups, Jobs):
         self._pending_bytes = 0
         self._last_commit = time.monotonic()
         self._unlink_later = []
+        self._stale_files = []
         self.last_start_hold = 0.0
         self._reserve_released = False
         self._reserve_checked = 0.0
@@ -380,7 +381,7 @@ class Engine(Groups, Jobs):
             self._closed = True
             self._held.clear()
             self._gate.notify_all()
-            for v in [*self._vols.values(), *self._unlink_later]:
+            for v in [*self._vols.values(), *self._unlink_later, *self._stale_files]:
                 if v.fd >= 0:
                     os.close(v.fd)
                     v.fd = -1

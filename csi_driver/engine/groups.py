@@ -176,6 +176,7 @@ class GroupStart:
                 self._timer.cancel()
             with e._lock:
                 e._start_prepared(self._maps, self._group)
+            e._drop_stale()
             self.phase = "started"
             # the coordinator releases next; if it does not, the copies stay and the writes go on
             self._timer = threading.Timer(self.watchdog, self._on_watchdog)

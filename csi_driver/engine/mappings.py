@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import time
 from collections.abc import Sequence
 
@@ -182,6 +183,7 @@ class Mappings(Volumes):
             held = time.perf_counter()
             self._start_prepared(ms, group)
             self.last_start_hold = time.perf_counter() - held
+        self._drop_stale()
 
     def _start_prepared(self, ms: list[Map], group: Group | None) -> None:
         """The instant itself, lock held: prepared mappings join their cascades in one transaction."""
@@ -204,11 +206,26 @@ class Mappings(Volumes):
         if group is not None:
             group.start_time = now
             self._dirty_group(group)
+        for t in truncate:
+            if self._io.allocated(self._fd(t)):
+                # old data to drop (a full restart of a used target): t gets an empty file now, and the old one is
+                # dropped once no committed bitmap vouches for it (I4), outside the engine lock (`_drop_stale`):
+                # freeing a large file's extents takes long, and host I/O to every volume waits on this lock
+                old = Vol(t.id, t.seq, t.name, t.size, t.grain, {}, t.created, t.file)
+                old.fd, t.fd = t.fd, -1
+                t.file = f"{t.id}.{secrets.token_hex(4)}.img"
+                self._create_file(t)
+                self._dirty_vol(t)
+                self._stale_files.append(old)
         self._commit()  # I6: every target, mapping and link of the start in one transaction
-        for t in truncate:  # drop the old data only once no committed bitmap vouches for it (I4)
-            self._io.truncate(self._fd(t), 0)
-            self._io.truncate(self._fd(t), t.size)
         self._work.notify_all()
+
+    def _drop_stale(self) -> None:
+        """Drop the data files starts replaced (their metadata no longer names them), without the lock."""
+        with self._lock:
+            stale, self._stale_files = self._stale_files, []
+        for v in stale:
+            self._drop_file(v)
 
     # ------------------------------------------------------------------ stop, complete, delete
 

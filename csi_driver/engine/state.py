@@ -156,6 +156,8 @@ class EngineState:
     _last_commit: float
     #: volumes whose files go once the metadata no longer names them
     _unlink_later: list[Vol]
+    #: data files replaced by a start, dropped after its commit without the engine lock
+    _stale_files: list[Vol]
     #: how long the last start held host I/O (the FlashCopy start pause), for metrics and benchmarks
     last_start_hold: float
     _reserve_released: bool

@@ -169,3 +169,29 @@ def test_modify_copies_changes_only_mappings_into_the_volume(eng) -> None:
     assert eng.modify_copies(prod.id, copy_rate=50) == []
     with pytest.raises(errors.InvalidArgument):
         eng.modify_copies(clone.id, copy_rate=151)
+
+
+def test_a_full_restart_of_a_used_target_swaps_its_file_and_drops_the_old_one_after_the_commit(tmp_path) -> None:
+    eng = Engine.open(str(tmp_path), background=False)
+    prod = eng.create_volume("prod", N * G, grain_size=G)
+    _fill(eng, prod.id, list(range(N)), 1)
+    snap, _ = eng.snapshot(prod.id, "snap", copy_rate=150)
+    eng.run_copies()  # the snapshot is independent: a restore from it no longer shares prod's cascade
+    _fill(eng, prod.id, list(range(N)), 2)
+    expected = _image(eng, snap.id)
+    data = tmp_path / "volumes"
+    before = {p.name for p in data.iterdir() if p.name.startswith(prod.id)}
+    eng.restore(snap.id, prod.id, copy_rate=0)
+    after = {p.name for p in data.iterdir() if p.name.startswith(prod.id)}
+    assert len(before) == len(after) == 1 and before != after  # a new file; the old one is gone
+    assert _image(eng, prod.id) == expected
+    eng.close()
+    eng = Engine.open(str(tmp_path), background=False)
+    try:
+        assert _image(eng, prod.id) == expected
+        eng.modify_copies(prod.id, copy_rate=150)
+        eng.run_copies()
+        eng.delete_volume(snap.id)
+        assert _image(eng, prod.id) == expected
+    finally:
+        eng.close()
