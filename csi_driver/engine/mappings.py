@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import threading
 import time
 from collections.abc import Sequence
 
@@ -224,7 +225,13 @@ class Mappings(Volumes):
         """Drop the data files starts replaced (their metadata no longer names them), without the lock."""
         with self._lock:
             stale, self._stale_files = self._stale_files, []
-        for v in stale:
+        if stale:
+            # freeing a large file's extents takes a while: the caller's copy is complete already, so it
+            # does not wait (a crash before the drop leaves an orphan that the next open removes)
+            threading.Thread(target=self._drop_files, args=(stale,), name="drop-stale", daemon=True).start()
+
+    def _drop_files(self, files: list[Vol]) -> None:
+        for v in files:
             self._drop_file(v)
 
     # ------------------------------------------------------------------ stop, complete, delete

@@ -7,6 +7,7 @@ import random
 import pytest
 
 from csi_driver.engine import Engine, MappingState, errors
+from tests.waiting import wait_for
 
 KiB = 1024
 G = 64 * KiB
@@ -182,8 +183,12 @@ def test_a_full_restart_of_a_used_target_swaps_its_file_and_drops_the_old_one_af
     data = tmp_path / "volumes"
     before = {p.name for p in data.iterdir() if p.name.startswith(prod.id)}
     eng.restore(snap.id, prod.id, copy_rate=0)
-    after = {p.name for p in data.iterdir() if p.name.startswith(prod.id)}
-    assert len(before) == len(after) == 1 and before != after  # a new file; the old one is gone
+
+    def files() -> set[str]:
+        return {p.name for p in data.iterdir() if p.name.startswith(prod.id)}
+    # a new file at once; the old one goes in the background, after the commit and without the engine lock
+    after = wait_for(lambda: files() if len(files()) == 1 else None, timeout=10, what="the old data file dropped")
+    assert before != after
     assert _image(eng, prod.id) == expected
     eng.close()
     eng = Engine.open(str(tmp_path), background=False)
