@@ -34,3 +34,9 @@ def renders(helm: str) -> dict[str, list[pm.Obj]]:
 @pytest.fixture(scope="session")
 def kustomized(kubectl: str) -> dict[str, list[pm.Obj]]:
     return {name: pm.kustomize(path) for name, (path, _) in pm.KUSTOMIZE_RENDERS.items()}
+
+
+@pytest.fixture(scope="session")
+def smd_renders(helm: str) -> dict[str, list[pm.Obj]]:
+    """helm template output for every entry of SNAPSHOT_METADATA_MATRIX (snapshotMetadata.enabled)."""
+    return {name: pm.helm_template_smd(values) for name, values in pm.SNAPSHOT_METADATA_MATRIX.items()}

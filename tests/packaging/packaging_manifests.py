@@ -25,6 +25,10 @@ NAMESPACE = "kube-system"
 HELM_ONLY_LABELS = ("helm.sh/chart", "app.kubernetes.io/managed-by")
 CRD_KINDS = {"VolumeSnapshotClass", "VolumeGroupSnapshotClass", "VolumeSnapshot", "VolumeGroupSnapshot"}
 PEER_K8S = REPO.parent / "shared" / "peers" / "k8s"
+# external-snapshot-metadata v1.1.0: the sidecar binary, its CRD and RBAC (README there)
+PEER_SNAPSHOT_METADATA = REPO.parent / "shared" / "peers" / "snapshot-metadata"
+# snapshotMetadata.enabled renders only with the SnapshotMetadataService CRD in the cluster (or this flag)
+SNAPSHOT_METADATA_API = ("--api-versions", "cbt.storage.k8s.io/v1beta1/SnapshotMetadataService")
 
 Obj = dict[str, Any]
 
@@ -88,6 +92,17 @@ VALUE_MATRIX: dict[str, Obj] = {
     },
 }
 
+# snapshotMetadata.enabled renders, kept out of VALUE_MATRIX: their SnapshotMetadataService needs a CRD that the
+# test control plane of tests/k8s does not have. Rendered with SNAPSHOT_METADATA_API (helm_template_smd).
+SNAPSHOT_METADATA_MATRIX: dict[str, Obj] = {
+    "snapshot-metadata": {"snapshotMetadata": {"enabled": True}},
+    "snapshot-metadata-single-node": {
+        "topology": "single-node",
+        "snapshotMetadata": {"enabled": True, "port": 50151, "httpPort": 9824, "audience": "backup.example.com",
+                             "extraArgs": ["--max-streaming-duration-min=30"]},
+    },
+}
+
 
 # kustomize directory -> (path, the chart values it is the render of)
 KUSTOMIZE_RENDERS: dict[str, tuple[Path, Obj]] = {
@@ -128,6 +143,12 @@ def helm_template_text(values: Obj | None = None, *, release: str = RELEASE, nam
 
 def helm_template(values: Obj | None = None, **kw: Any) -> list[Obj]:
     return parse_docs(helm_template_text(values, **kw))
+
+
+def helm_template_smd(values: Obj | None = None, **kw: Any) -> list[Obj]:
+    """helm template as if the SnapshotMetadataService CRD were installed (snapshotMetadata.enabled needs it)."""
+    extra = tuple(kw.pop("extra", ()))
+    return helm_template(values, extra=SNAPSHOT_METADATA_API + extra, **kw)
 
 
 def kustomize(path: Path) -> list[Obj]:

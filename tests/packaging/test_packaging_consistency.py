@@ -23,9 +23,11 @@ SIDECAR_TAGS = {
     "csi-resizer": "v2.2.1",
     "csi-node-driver-registrar": "v2.17.0",
     "livenessprobe": "v2.19.0",
+    "csi-snapshot-metadata": "v1.1.0",
 }
 # Flags defined by node-driver-registrar v2.17.0 and livenessprobe v2.19.0 (cmd/*/main.go), plus klog's --v; the
-# other sidecars' flags are read from their real binaries (../shared/peers/k8s/bin).
+# other sidecars' flags are read from their real binaries (../shared/peers/k8s/bin, and
+# ../shared/peers/snapshot-metadata/bin for csi-snapshot-metadata).
 KNOWN_FLAGS = {
     "csi-node-driver-registrar": {"csi-address", "kubelet-registration-path", "plugin-registration-path",
                                   "http-endpoint", "health-port", "timeout", "mode", "enable-pprof", "version", "v"},
@@ -37,11 +39,15 @@ PINNED_IMAGE = r"([a-z0-9.-]+(?::[0-9]+)?/)?[a-z0-9._/-]+:([A-Za-z0-9_][A-Za-z0-
 
 
 def all_renders(
-    renders: dict[str, list[pm.Obj]], kustomized: dict[str, list[pm.Obj]]
+    renders: dict[str, list[pm.Obj]], kustomized: dict[str, list[pm.Obj]],
+    smd_renders: dict[str, list[pm.Obj]] | None = None,
 ) -> Iterator[tuple[str, list[pm.Obj], pm.Obj]]:
-    """(name, objects, effective values) for each chart render and each kustomize directory."""
+    """(name, objects, effective values) for each chart render and each kustomize directory (and each
+    snapshotMetadata.enabled render, when given)."""
     for name, objs in renders.items():
         yield f"chart:{name}", objs, pm.chart_values(pm.VALUE_MATRIX[name])
+    for name, objs in (smd_renders or {}).items():
+        yield f"chart:{name}", objs, pm.chart_values(pm.SNAPSHOT_METADATA_MATRIX[name])
     for name, (_, values) in pm.KUSTOMIZE_RENDERS.items():
         yield f"kustomize:{name}", kustomized[name], pm.chart_values(values)
 
@@ -139,8 +145,9 @@ def test_one_driver_name_everywhere(renders: dict[str, list[pm.Obj]], kustomized
     assert csi_driver.DRIVER_NAME in (pm.REPO / "docs" / "install.md").read_text()
 
 
-def test_sockets_and_paths_meet(renders: dict[str, list[pm.Obj]], kustomized: dict[str, list[pm.Obj]]) -> None:
-    for name, objs, values in all_renders(renders, kustomized):
+def test_sockets_and_paths_meet(renders: dict[str, list[pm.Obj]], kustomized: dict[str, list[pm.Obj]],
+                                smd_renders: dict[str, list[pm.Obj]]) -> None:
+    for name, objs, values in all_renders(renders, kustomized, smd_renders):
         kubelet = values["kubeletDir"]
         for w, spec in pm.pod_specs(objs):
             vols = {v["name"]: v for v in spec["volumes"]}
@@ -185,8 +192,9 @@ def test_sockets_and_paths_meet(renders: dict[str, list[pm.Obj]], kustomized: di
                 assert vols["socket-dir"] == {"name": "socket-dir", "emptyDir": {}}
 
 
-def test_probes_and_ports(renders: dict[str, list[pm.Obj]], kustomized: dict[str, list[pm.Obj]]) -> None:
-    for name, objs, _ in all_renders(renders, kustomized):
+def test_probes_and_ports(renders: dict[str, list[pm.Obj]], kustomized: dict[str, list[pm.Obj]],
+                          smd_renders: dict[str, list[pm.Obj]]) -> None:
+    for name, objs, _ in all_renders(renders, kustomized, smd_renders):
         for w, spec in pm.pod_specs(objs):
             pod_ports = [p["containerPort"] for c in spec["containers"] for p in c.get("ports", [])]
             assert len(pod_ports) == len(set(pod_ports)), f"{name} {w['kind']}: port clash {pod_ports}"
@@ -207,9 +215,10 @@ def test_probes_and_ports(renders: dict[str, list[pm.Obj]], kustomized: dict[str
             assert pm.flag_value(lp["args"], "--http-endpoint") == f":{health}"
 
 
-def test_images_pinned(renders: dict[str, list[pm.Obj]], kustomized: dict[str, list[pm.Obj]]) -> None:
+def test_images_pinned(renders: dict[str, list[pm.Obj]], kustomized: dict[str, list[pm.Obj]],
+                       smd_renders: dict[str, list[pm.Obj]]) -> None:
     app_version = (pm.CHART / "Chart.yaml").read_text().split('appVersion: "')[1].split('"')[0]
-    for name, objs, values in all_renders(renders, kustomized):
+    for name, objs, values in all_renders(renders, kustomized, smd_renders):
         for _, _, c in pm.containers(objs):
             image = c["image"]
             m = re.fullmatch(PINNED_IMAGE, image)
@@ -230,8 +239,9 @@ def test_images_pinned(renders: dict[str, list[pm.Obj]], kustomized: dict[str, l
                 assert re.search(r":[0-9][A-Za-z0-9_.-]*$", c["image"]), f"{example}: {c['image']}"
 
 
-def test_required_sidecar_settings(renders: dict[str, list[pm.Obj]], kustomized: dict[str, list[pm.Obj]]) -> None:
-    for name, objs, values in all_renders(renders, kustomized):
+def test_required_sidecar_settings(renders: dict[str, list[pm.Obj]], kustomized: dict[str, list[pm.Obj]],
+                                   smd_renders: dict[str, list[pm.Obj]]) -> None:
+    for name, objs, values in all_renders(renders, kustomized, smd_renders):
         sidecars = {c["name"]: c["args"] for _, _, c in pm.containers(objs)}
         assert {"--feature-gates=Topology=true", "--extra-create-metadata"} <= set(sidecars["csi-provisioner"])
         assert "--feature-gates=CSIVolumeGroupSnapshot=true" in sidecars["csi-snapshotter"]
@@ -253,8 +263,17 @@ def test_required_sidecar_settings(renders: dict[str, list[pm.Obj]], kustomized:
             assert "storageCapacity" not in csidriver["spec"]
 
 
+# sidecar -> the directory of its peer binary (<name>.xz)
+PEER_BINARIES = {
+    "csi-provisioner": pm.PEER_K8S / "bin",
+    "csi-snapshotter": pm.PEER_K8S / "bin",
+    "csi-resizer": pm.PEER_K8S / "bin",
+    "csi-snapshot-metadata": pm.PEER_SNAPSHOT_METADATA / "bin",
+}
+
+
 def _peer_sidecar(binary: str, tmp: Path) -> Path | None:
-    xz = pm.PEER_K8S / "bin" / f"{binary}.xz"
+    xz = PEER_BINARIES[binary] / f"{binary}.xz"
     if not xz.exists():
         return None
     exe = tmp / binary
@@ -266,13 +285,14 @@ def _peer_sidecar(binary: str, tmp: Path) -> Path | None:
 
 
 def test_sidecar_flags_exist(renders: dict[str, list[pm.Obj]], kustomized: dict[str, list[pm.Obj]],
-                             tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The real provisioner/snapshotter/resizer binaries parse the manifests' args (flags, values and feature-gate
-    names; `--version` makes them exit right after parsing); registrar and livenessprobe flags come from a table."""
+                             smd_renders: dict[str, list[pm.Obj]], tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The real provisioner/snapshotter/resizer/snapshot-metadata binaries parse the manifests' args (flags, values
+    and feature-gate names; `--version` makes them exit right after parsing); registrar and livenessprobe flags come
+    from a table."""
     tmp = tmp_path_factory.mktemp("sidecars")
-    peers = {b: _peer_sidecar(b, tmp) for b in ("csi-provisioner", "csi-snapshotter", "csi-resizer")}
+    peers = {b: _peer_sidecar(b, tmp) for b in PEER_BINARIES}
     checked: set[tuple[str, ...]] = set()
-    for name, objs, _ in all_renders(renders, kustomized):
+    for name, objs, _ in all_renders(renders, kustomized, smd_renders):
         for _, _, c in pm.containers(objs):
             base = pm.image_name(c["image"])
             if base in KNOWN_FLAGS:
@@ -287,11 +307,13 @@ def test_sidecar_flags_exist(renders: dict[str, list[pm.Obj]], kustomized: dict[
             checked.add(tuple(c["args"]))
     missing = sorted(b for b, exe in peers.items() if exe is None)
     if missing:
-        pytest.skip(f"registrar/livenessprobe checked; no {missing} binaries under {pm.PEER_K8S / 'bin'}")
+        pytest.skip(f"registrar/livenessprobe checked; no {missing} binaries under "
+                    f"{sorted({str(PEER_BINARIES[b]) for b in missing})}")
 
 
-def test_rbac_least_privilege_wiring(renders: dict[str, list[pm.Obj]], kustomized: dict[str, list[pm.Obj]]) -> None:
-    for name, objs, values in all_renders(renders, kustomized):
+def test_rbac_least_privilege_wiring(renders: dict[str, list[pm.Obj]], kustomized: dict[str, list[pm.Obj]],
+                                     smd_renders: dict[str, list[pm.Obj]]) -> None:
+    for name, objs, values in all_renders(renders, kustomized, smd_renders):
         sas = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in pm.of_kind(objs, "ServiceAccount")}
         roles = {o["metadata"]["name"]: o for o in pm.of_kind(objs, "ClusterRole") + pm.of_kind(objs, "Role")}
         for r in roles.values():
@@ -319,6 +341,8 @@ def test_rbac_least_privilege_wiring(renders: dict[str, list[pm.Obj]], kustomize
             serves_controller = (w["kind"] == "Deployment") == (values["topology"] == "multi-node")
             if serves_controller and values["operations"]["enabled"]:
                 wanted.add(f"{pm.RELEASE}-operations")  # VolumeRestore/VolumeRefresh, FlashCopyNode, Events
+            if "csi-snapshot-metadata" in names:
+                wanted.add(f"{pm.RELEASE}-snapshot-metadata")  # TokenReview, SubjectAccessReview, snapshots
             assert bound.get(sa, set()) == wanted, f"{name} {w['kind']}: {sa} bound to {bound.get(sa)}"
             # a pod without sidecars talking to the API server gets no token
             assert spec.get("automountServiceAccountToken", True) == bool(wanted)

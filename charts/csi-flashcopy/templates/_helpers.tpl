@@ -216,3 +216,90 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
     {{- toYaml . | nindent 4 }}
   {{- end }}
 {{- end -}}
+
+{{/* snapshotMetadata: the Service (and the base of the other object names) of the external-snapshot-metadata
+     sidecar, and the Secret with its server certificate. */}}
+{{- define "csi-flashcopy.snapshotMetadataName" -}}
+{{- printf "%s-snapshot-metadata" (include "csi-flashcopy.fullname" .) -}}
+{{- end -}}
+
+{{- define "csi-flashcopy.snapshotMetadataSecretName" -}}
+{{- .Values.snapshotMetadata.tls.existingSecret | default (printf "%s-tls" (include "csi-flashcopy.snapshotMetadataName" .)) -}}
+{{- end -}}
+
+{{/* The component whose pods run the sidecar (and the controller sidecars): the Service selects them. */}}
+{{- define "csi-flashcopy.snapshotMetadataComponent" -}}
+{{- ternary "node" "controller" (eq .Values.topology "single-node") -}}
+{{- end -}}
+
+{{/* The DNS names of the Service, in the certificate; the first is the host of the SnapshotMetadataService's
+     address. */}}
+{{- define "csi-flashcopy.snapshotMetadataDNSNames" -}}
+{{- $svc := include "csi-flashcopy.snapshotMetadataName" . -}}
+{{- $ns := .Release.Namespace -}}
+{{- list (printf "%s.%s" $svc $ns) $svc (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns .Values.snapshotMetadata.clusterDomain) | toJson -}}
+{{- end -}}
+
+{{- define "csi-flashcopy.snapshotMetadataTLSDir" -}}
+/etc/snapshot-metadata/tls
+{{- end -}}
+
+{{/* The external-snapshot-metadata sidecar (KEP-3314 changed-block tracking) on the controller socket
+     /csi/csi.sock: serves the Kubernetes SnapshotMetadata API over TLS on snapshotMetadata.port. Not
+     leader-elected: every replica answers, its driver routes to the node that holds the snapshots. */}}
+{{- define "csi-flashcopy.snapshotMetadataSidecar" -}}
+{{- $s := .Values.snapshotMetadata -}}
+{{- $dir := include "csi-flashcopy.snapshotMetadataTLSDir" . -}}
+- name: csi-snapshot-metadata
+  image: {{ include "csi-flashcopy.sidecarImage" $s.image }}
+  imagePullPolicy: {{ $s.image.pullPolicy }}
+  args:
+    - --csi-address=/csi/csi.sock
+    - --tls-cert={{ $dir }}/tls.crt
+    - --tls-key={{ $dir }}/tls.key
+    - --port={{ $s.port }}
+    - --http-endpoint=:{{ $s.httpPort }}
+    - --timeout={{ $s.timeout }}
+    - --v={{ .Values.sidecars.logLevel }}
+    {{- range $s.extraArgs }}
+    - {{ . }}
+    {{- end }}
+  ports:
+    - name: smd-grpc
+      containerPort: {{ $s.port }}
+      protocol: TCP
+    - name: smd-http
+      containerPort: {{ $s.httpPort }}
+      protocol: TCP
+  readinessProbe:
+    # ok once the sidecar has validated the driver (GetPluginInfo, Probe, SNAPSHOT_METADATA_SERVICE): the Service
+    # sends backup clients only to such pods.
+    httpGet:
+      path: /health
+      port: smd-http
+    periodSeconds: 10
+    timeoutSeconds: 3
+  securityContext:
+    allowPrivilegeEscalation: false
+    readOnlyRootFilesystem: true
+    capabilities:
+      drop: ["ALL"]
+  volumeMounts:
+    - name: socket-dir
+      mountPath: /csi
+    - name: snapshot-metadata-tls
+      mountPath: {{ $dir }}
+      readOnly: true
+  {{- with $s.resources }}
+  resources:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end -}}
+
+{{- define "csi-flashcopy.snapshotMetadataVolume" -}}
+- name: snapshot-metadata-tls
+  secret:
+    secretName: {{ include "csi-flashcopy.snapshotMetadataSecretName" . }}
+    # Readable by the controller's non-root user through the pod's fsGroup; root in the node pod.
+    defaultMode: 0440
+{{- end -}}
