@@ -32,6 +32,7 @@ from csi_driver.csi.identity import IdentityServicer
 from csi_driver.csi.node import NodeServicer
 from csi_driver.csi.rpc import RpcInterceptor, RpcObserver
 from csi_driver.csi.settings import Settings
+from csi_driver.csi.snapshot_metadata import SnapshotMetadataServicer
 from csi_driver.datapath import DataPath, datapath_unavailable
 from csi_driver.embedded import EmbeddedBackend
 from csi_driver.engine import errors as engine_errors
@@ -174,6 +175,8 @@ def build_server(driver: Driver, metrics: RpcObserver | None = None, max_workers
         csi_pb2_grpc.add_ControllerServicer_to_server(ControllerServicer(driver), server)
         if s.group_controller_rpcs:
             csi_pb2_grpc.add_GroupControllerServicer_to_server(GroupControllerServicer(driver), server)
+        if s.snapshot_metadata:
+            csi_pb2_grpc.add_SnapshotMetadataServicer_to_server(SnapshotMetadataServicer(driver), server)
     if s.serves_node:
         csi_pb2_grpc.add_NodeServicer_to_server(NodeServicer(driver), server)
     return server

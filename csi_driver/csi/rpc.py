@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import grpc
@@ -27,7 +27,7 @@ log = logging.getLogger("csi_flashcopy.rpc")
 
 # Request fields worth a log column (all plain ids or names; secrets are never among them).
 ID_FIELDS = ("name", "volume_id", "snapshot_id", "source_volume_id", "group_snapshot_id", "node_id",
-             "starting_token")
+             "starting_token", "base_snapshot_id", "target_snapshot_id", "starting_offset")
 # The liveness probe calls Probe every few seconds: its successes are logged at debug level only.
 QUIET_METHODS = frozenset({"Probe"})
 
@@ -102,10 +102,18 @@ class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]  # gener
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
         full = handler_call_details.method  # "/csi.v1.Controller/CreateVolume"
         method = full.rsplit("/", 1)[-1]
+        if handler.unary_stream is not None:  # SnapshotMetadata: server streams
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(method, handler.unary_stream, handler.request_deserializer),
+                request_deserializer=None,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_unary is None:
+            return handler
         # The request is decoded here rather than by gRPC, so undecodable bytes are INVALID_ARGUMENT
         # (gRPC's own deserializer failure would be reported as INTERNAL).
         return grpc.unary_unary_rpc_method_handler(
@@ -113,6 +121,50 @@ class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]  # gener
             request_deserializer=None,
             response_serializer=handler.response_serializer,
         )
+
+    def _wrap_stream(self, method: str, inner: Callable[[Any, grpc.ServicerContext], Any],
+                     deserialize: Callable[[bytes], Any] | None
+                     ) -> Callable[[bytes, grpc.ServicerContext], Iterator[Any]]:
+        """As _wrap, for a server stream: an error raised before or between messages ends the stream with its
+        status; one log line when the stream ends, with the number of messages sent."""
+        def call(raw: bytes, context: grpc.ServicerContext) -> Iterator[Any]:
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            message = ""
+            request: Any = None
+            sent = 0
+            try:
+                try:
+                    request = deserialize(raw) if deserialize is not None else raw
+                except Exception as exc:
+                    raise invalid("request", f"cannot decode {method} request: {exc}") from None
+                if log.isEnabledFor(logging.DEBUG):
+                    _debug_request(method, request)
+                for response in inner(request, context):
+                    yield response
+                    sent += 1
+            except GeneratorExit:  # the client went away
+                code, message = grpc.StatusCode.CANCELLED, "stream closed by the client"
+                raise
+            except Exception as exc:
+                st = status_for(exc)
+                code, message = st.code, st.message
+                if st.unexpected:
+                    log.error("unexpected error", exc_info=True,
+                              extra={"fields": {"method": method, **_ids(request, request_ids)}})
+                context.abort(code, message)
+            finally:
+                elapsed = time.perf_counter() - start
+                if self.metrics is not None:
+                    self.metrics.observe(method, code.name, elapsed)
+                fields: dict[str, Any] = {"method": method, **_ids(request, request_ids), "code": code.name,
+                                          "duration_ms": round(elapsed * 1000, 3), "messages": sent}
+                if code != grpc.StatusCode.OK:
+                    fields["error"] = message
+                log.info("rpc", extra={"fields": fields})
+
+        call.__name__ = f"rpc_{method}"
+        return call
 
     def _wrap(self, method: str, inner: Callable[[Any, grpc.ServicerContext], Any],
               deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes, grpc.ServicerContext], Any]:

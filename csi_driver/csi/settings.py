@@ -64,6 +64,8 @@ class Settings:
     access_modes: tuple[str, ...] = ACCESS_MODES
     fs_types: tuple[str, ...] = FS_TYPES
     online_expansion: bool = True
+    #: serve the SnapshotMetadata service (changed-block tracking) with the controller
+    snapshot_metadata: bool = True
     manifest: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -93,6 +95,8 @@ class Settings:
             caps.append(csi_pb2.PluginCapability(service=svc(type=svc.CONTROLLER_SERVICE)))
             if self.group_controller_rpcs:
                 caps.append(csi_pb2.PluginCapability(service=svc(type=svc.GROUP_CONTROLLER_SERVICE)))
+            if self.snapshot_metadata:
+                caps.append(csi_pb2.PluginCapability(service=svc(type=svc.SNAPSHOT_METADATA_SERVICE)))
             if "EXPAND_VOLUME" in self.controller_rpcs:
                 exp = csi_pb2.PluginCapability.VolumeExpansion
                 kind = exp.ONLINE if self.online_expansion else exp.OFFLINE

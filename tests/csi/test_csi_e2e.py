@@ -36,7 +36,8 @@ def test_identity(server: CsiServer) -> None:
     assert info.name == "flashcopy.csi.dev" and info.vendor_version
     caps = server.identity.GetPluginCapabilities(csi_pb2.GetPluginCapabilitiesRequest()).capabilities
     services = {csi_pb2.PluginCapability.Service.Type.Name(c.service.type) for c in caps if c.HasField("service")}
-    assert services == {"CONTROLLER_SERVICE", "GROUP_CONTROLLER_SERVICE", "VOLUME_ACCESSIBILITY_CONSTRAINTS"}
+    assert services == {"CONTROLLER_SERVICE", "GROUP_CONTROLLER_SERVICE", "VOLUME_ACCESSIBILITY_CONSTRAINTS",
+                        "SNAPSHOT_METADATA_SERVICE"}
     expansion = [c.volume_expansion.type for c in caps if c.HasField("volume_expansion")]
     assert expansion == [csi_pb2.PluginCapability.VolumeExpansion.ONLINE]
     assert server.identity.Probe(csi_pb2.ProbeRequest()).ready.value is True

@@ -266,8 +266,40 @@ def test_plugin_capabilities_per_mode() -> None:
                 for c in s.plugin_capabilities() if c.HasField("service")}
 
     assert services("all") == services("controller") == {
-        "CONTROLLER_SERVICE", "GROUP_CONTROLLER_SERVICE", "VOLUME_ACCESSIBILITY_CONSTRAINTS"}
+        "CONTROLLER_SERVICE", "GROUP_CONTROLLER_SERVICE", "VOLUME_ACCESSIBILITY_CONSTRAINTS",
+        "SNAPSHOT_METADATA_SERVICE"}
     assert services("node") == {"VOLUME_ACCESSIBILITY_CONSTRAINTS"}
+    s = Settings(driver_name="d", vendor_version="1", node_id="n", mode="all", snapshot_metadata=False)
+    assert "SNAPSHOT_METADATA_SERVICE" not in {csi_pb2.PluginCapability.Service.Type.Name(c.service.type)
+                                                for c in s.plugin_capabilities() if c.HasField("service")}
+
+
+def test_snapshot_metadata_servicer_implements_both_streams() -> None:
+    from csi_driver.csi.snapshot_metadata import SnapshotMetadataServicer
+
+    assert _implemented(SnapshotMetadataServicer, csi_pb2_grpc.SnapshotMetadataServicer) == {
+        "GetMetadataAllocated", "GetMetadataDelta"}
+
+
+def test_stream_pages_cut_at_the_starting_offset_and_split_per_message() -> None:
+    from csi_driver.api import ExtentPage
+    from csi_driver.csi.snapshot_metadata import stream_pages
+
+    extents = [(0, 10), (20, 10), (40, 10), (60, 10), (80, 20)]
+    calls: list[tuple[int, int]] = []
+
+    def fetch(start: int, limit: int) -> ExtentPage:
+        calls.append((start, limit))
+        # as the engine: extents ending after start, the one holding it from its (10-byte) grain
+        return ExtentPage(size=100, extents=tuple((max(o, start // 10 * 10), o + n - max(o, start // 10 * 10))
+                                                  for o, n in extents if o + n > start)[:limit])
+
+    msgs = list(stream_pages(fetch, 25, 2))
+    assert [m for _, m in msgs] == [[(25, 5), (40, 10)], [(60, 10), (80, 20)]]
+    assert all(cap == 100 for cap, _ in msgs)
+    assert list(stream_pages(fetch, 0, 0)) == [(100, extents)]
+    assert list(stream_pages(fetch, 95, 0)) == [(100, [(95, 5)])]
+    assert list(stream_pages(lambda s, n: ExtentPage(size=100, extents=()), 0, 0)) == [(100, [])]
 
 
 def test_embedded_backend_without_a_data_path(tmp_path) -> None:
