@@ -20,6 +20,7 @@ FULL = {
     "bench_datapath": [],
     "bench_multinode": ["--snapshots", "100", "--groups", "20"],
     "bench_operations": ["--size-mib", "1024"],
+    "bench_cbt": ["--sparse-gib", "64", "--full-mib", "1024"],
 }
 QUICK = {
     "bench_engine": ["--size-mib", "128"],
@@ -27,6 +28,7 @@ QUICK = {
     "bench_datapath": ["--size-mib", "256", "--trials", "1", "--rand-mib", "16"],
     "bench_multinode": ["--snapshots", "20", "--groups", "5"],
     "bench_operations": ["--size-mib", "64"],
+    "bench_cbt": ["--sparse-gib", "4", "--full-mib", "64", "--ref-gib", "1", "--trials", "3"],
 }
 
 
