@@ -209,3 +209,33 @@ def test_paging(eng: Engine) -> None:
         eng.allocated_extents(s1.id, start=64 * G)
     with pytest.raises(errors.OutOfRange):
         eng.delta_extents(s0.id, s1.id, start=-1)
+
+
+def _differing_grains(eng: Engine, a: str, b: str, n: int) -> set[int]:
+    return {g for g in range(n) if eng.read(a, g * G, G) != eng.read(b, g * G, G)}
+
+
+def test_delta_across_a_restore_and_a_cascaded_clone(eng: Engine) -> None:
+    """Chains other than one volume's snapshots: a restore in place between the two snapshots (the volume
+    starts over below the snapshot it was restored from, a hidden node keeps its old data), and snapshots of a
+    clone of a snapshot (cascaded). Delta still covers every differing grain and only grains written since."""
+    v = eng.create_volume("v", 8 * G, grain_size=G).id
+    eng.write(v, 0, b"a" * 8 * G)
+    s1, _ = eng.snapshot(v, "s1")
+    eng.write(v, 2 * G, b"b" * G)
+    s2, _ = eng.snapshot(v, "s2")
+    eng.restore(s1.id, v, copy_rate=0)           # v shows s1 again
+    eng.write(v, 5 * G, b"c" * G)
+    s3, _ = eng.snapshot(v, "s3")
+    for base, target, written in ((s1.id, s3.id, {2, 5}), (s2.id, s3.id, {2, 5}), (s1.id, s2.id, {2})):
+        got = _grains(eng.delta_extents(base, target))
+        assert _differing_grains(eng, base, target, 8) <= got <= written | _differing_grains(eng, base, target, 8)
+        assert got <= written
+    c, _ = eng.clone(s1.id, "c", copy_rate=0)     # a clone of a snapshot, then snapshots of the clone
+    t1, _ = eng.snapshot(c.id, "t1")
+    eng.write(c.id, 7 * G, b"d" * 10)
+    t2, _ = eng.snapshot(c.id, "t2")
+    assert _grains(eng.delta_extents(t1.id, t2.id)) == {7}
+    with pytest.raises(errors.InvalidState, match="not older"):   # a clone's point in time is its start
+        eng.delta_extents(t1.id, c.id)
+    assert _differing_grains(eng, s1.id, t2.id, 8) <= _grains(eng.delta_extents(s1.id, t2.id))
