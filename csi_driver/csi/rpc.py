@@ -129,17 +129,11 @@ class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]  # gener
         status; one log line when the stream ends, with the number of messages sent."""
         def call(raw: bytes, context: grpc.ServicerContext) -> Iterator[Any]:
             start = time.perf_counter()
-            code = grpc.StatusCode.OK
-            message = ""
+            code, message = grpc.StatusCode.OK, ""
             request: Any = None
             sent = 0
             try:
-                try:
-                    request = deserialize(raw) if deserialize is not None else raw
-                except Exception as exc:
-                    raise invalid("request", f"cannot decode {method} request: {exc}") from None
-                if log.isEnabledFor(logging.DEBUG):
-                    _debug_request(method, request)
+                request = _decode(method, raw, deserialize)
                 for response in inner(request, context):
                     yield response
                     sent += 1
@@ -147,18 +141,10 @@ class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]  # gener
                 code, message = grpc.StatusCode.CANCELLED, "stream closed by the client"
                 raise
             except Exception as exc:
-                st = status_for(exc)
-                code, message = st.code, st.message
-                if st.unexpected:
-                    log.error("unexpected error", exc_info=True,
-                              extra={"fields": {"method": method, **_ids(request, request_ids)}})
+                code, message = self._failed(method, request, exc)
                 context.abort(code, message)
             finally:
-                elapsed = time.perf_counter() - start
-                if self.metrics is not None:
-                    self.metrics.observe(method, code.name, elapsed)
-                fields: dict[str, Any] = {"method": method, **_ids(request, request_ids), "code": code.name,
-                                          "duration_ms": round(elapsed * 1000, 3), "messages": sent}
+                fields = self._done(method, request, code, start, {"messages": sent})
                 if code != grpc.StatusCode.OK:
                     fields["error"] = message
                 log.info("rpc", extra={"fields": fields})
@@ -170,32 +156,18 @@ class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]  # gener
               deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes, grpc.ServicerContext], Any]:
         def call(raw: bytes, context: grpc.ServicerContext) -> Any:
             start = time.perf_counter()
-            code = grpc.StatusCode.OK
-            message = ""
+            code, message = grpc.StatusCode.OK, ""
             response = None
             request: Any = None
             try:
-                try:
-                    request = deserialize(raw) if deserialize is not None else raw
-                except Exception as exc:
-                    raise invalid("request", f"cannot decode {method} request: {exc}") from None
-                if log.isEnabledFor(logging.DEBUG):
-                    _debug_request(method, request)
+                request = _decode(method, raw, deserialize)
                 response = inner(request, context)
                 return response
             except Exception as exc:
-                st = status_for(exc)
-                code, message = st.code, st.message
-                if st.unexpected:
-                    log.error("unexpected error", exc_info=True,
-                              extra={"fields": {"method": method, **_ids(request, request_ids)}})
+                code, message = self._failed(method, request, exc)
                 context.abort(code, message)
             finally:
-                elapsed = time.perf_counter() - start
-                if self.metrics is not None:
-                    self.metrics.observe(method, code.name, elapsed)
-                fields: dict[str, Any] = {"method": method, **_ids(request, request_ids), "code": code.name,
-                                          "duration_ms": round(elapsed * 1000, 3)}
+                fields = self._done(method, request, code, start, {})
                 if code == grpc.StatusCode.OK:
                     fields.update(response_ids(response))
                 else:
@@ -205,3 +177,31 @@ class RpcInterceptor(grpc.ServerInterceptor):  # type: ignore[type-arg]  # gener
 
         call.__name__ = f"rpc_{method}"
         return call
+
+    @staticmethod
+    def _failed(method: str, request: Any, exc: Exception) -> tuple[grpc.StatusCode, str]:
+        """The status an exception answers with (a bug or unclassified failure is logged with its traceback)."""
+        st = status_for(exc)
+        if st.unexpected:
+            log.error("unexpected error", exc_info=True,
+                      extra={"fields": {"method": method, **_ids(request, request_ids)}})
+        return st.code, st.message
+
+    def _done(self, method: str, request: Any, code: grpc.StatusCode, start: float,
+              extra: dict[str, Any]) -> dict[str, Any]:
+        """Record the call's duration and return its log fields."""
+        elapsed = time.perf_counter() - start
+        if self.metrics is not None:
+            self.metrics.observe(method, code.name, elapsed)
+        return {"method": method, **_ids(request, request_ids), "code": code.name,
+                "duration_ms": round(elapsed * 1000, 3), **extra}
+
+
+def _decode(method: str, raw: bytes, deserialize: Callable[[bytes], Any] | None) -> Any:
+    try:
+        request: Any = deserialize(raw) if deserialize is not None else raw
+    except Exception as exc:
+        raise invalid("request", f"cannot decode {method} request: {exc}") from None
+    if log.isEnabledFor(logging.DEBUG):
+        _debug_request(method, request)
+    return request
