@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from csi_driver.datapath import datapath_unavailable
+from tests.k8s.objects import SNAP, KubeObjects
 from tests.k8s.staging import StagedBlock
 from tests.k8s.test_k8s_flow import DRIVER, NODE, POLL, SKIP, WAIT, Cluster, running_peer
 from tests.packaging import packaging_manifests as pm
@@ -32,15 +33,15 @@ pytestmark = [
 
 NS = "ops"
 DRIVER_NS = "flashcopy-system"
-SNAP = "snapshot.storage.k8s.io/v1"
 OPS = "flashcopy.csi.dev/v1alpha1"
 GRAIN = 256 * 1024  # the default grain
 CRDS = pm.REPO / "charts" / "csi-flashcopy" / "crds"
 
 
-class Env:
+class Env(KubeObjects):
     def __init__(self, peer: Cluster, state: Path, api: Any) -> None:
-        self.peer, self.state, self.api = peer, state, api
+        super().__init__(peer, api, NS)
+        self.state = state
         self.sock = state / "engine.sock"
 
     def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
@@ -53,53 +54,9 @@ class Env:
 
         return RemoteBackend(f"unix://{self.sock}")
 
-    def obj(self, version: str, kind: str, name: str, ns: str | None = NS) -> dict[str, Any] | None:
-        from kubernetes.dynamic.exceptions import NotFoundError
-
-        try:
-            return self.api.resources.get(api_version=version, kind=kind).get(name=name, namespace=ns).to_dict()
-        except NotFoundError:
-            return None
-
-    def create(self, obj: dict[str, Any], ns: str | None = NS) -> None:
-        r = self.api.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
-        r.create(body=obj, namespace=ns if r.namespaced else None)
-
     def pvc(self, name: str, *, source: tuple[str, str] | None = None, sc: str = "fc-ops",
             labels: dict[str, str] | None = None) -> str:
-        spec: dict[str, Any] = {"storageClassName": sc, "accessModes": ["ReadWriteOnce"],
-                                "resources": {"requests": {"storage": "16Mi"}}}
-        if source:
-            kind, src = source
-            spec["dataSource"] = {"kind": kind, "name": src,
-                                  **({"apiGroup": "snapshot.storage.k8s.io"} if kind == "VolumeSnapshot" else {})}
-        self.create({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                     "metadata": {"name": name, "labels": labels or {}}, "spec": spec})
-        return self.handle(name)
-
-    def handle(self, pvc: str) -> str:
-        def bound() -> str:
-            p = self.obj("v1", "PersistentVolumeClaim", pvc) or {}
-            if (p.get("status") or {}).get("phase") != "Bound":
-                return ""
-            pv = self.obj("v1", "PersistentVolume", p["spec"]["volumeName"], None) or {}
-            return str(pv["spec"]["csi"]["volumeHandle"])
-        return wait_for(bound, timeout=WAIT, what=f"PVC {pvc} bound", interval=POLL, why=self.peer.logs)
-
-    def snapshot(self, name: str, pvc: str) -> str:
-        self.create({"apiVersion": SNAP, "kind": "VolumeSnapshot", "metadata": {"name": name},
-                     "spec": {"volumeSnapshotClassName": "flashcopy", "source": {"persistentVolumeClaimName": pvc}}})
-        return self.snapshot_handle(name)
-
-    def snapshot_handle(self, name: str) -> str:
-        def ready() -> str:
-            vs = self.obj(SNAP, "VolumeSnapshot", name) or {}
-            st = vs.get("status") or {}
-            if not st.get("readyToUse"):
-                return ""
-            vsc = self.obj(SNAP, "VolumeSnapshotContent", st["boundVolumeSnapshotContentName"], None) or {}
-            return str(vsc["status"]["snapshotHandle"])
-        return wait_for(ready, timeout=WAIT, what=f"VolumeSnapshot {name} ready", interval=POLL, why=self.peer.logs)
+        return super().pvc(name, sc=sc, source=source, labels=labels)
 
     def events(self, name: str, reason: str) -> list[dict[str, Any]]:
         items = self.api.resources.get(api_version="v1", kind="Event").get(namespace=NS).to_dict()["items"]

@@ -23,8 +23,9 @@ from typing import Any
 import pytest
 
 from csi_driver.datapath import datapath_unavailable
+from tests.k8s.objects import SNAP, KubeObjects
 from tests.k8s.staging import StagedBlock
-from tests.k8s.test_k8s_flow import DRIVER, NODE, POLL, SKIP, WAIT, Cluster, _free_port, running_peer
+from tests.k8s.test_k8s_flow import DRIVER, NODE, SKIP, Cluster, _free_port, running_peer
 from tests.packaging import packaging_manifests as pm
 from tests.waiting import wait_for
 
@@ -46,7 +47,6 @@ _SKIP = _why_skip()
 pytestmark = pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")
 
 NS = "backup"
-SNAP = "snapshot.storage.k8s.io/v1"
 GRAIN = 256 * 1024
 BLOCK = 4096
 AUDIENCE = "flashcopy-smd-test"
@@ -74,46 +74,10 @@ def _certs(d: Path) -> None:
         "-days", "2", "-extfile", "ext.cnf", "-out", "tls.crt")
 
 
-class Env:
+class Env(KubeObjects):
     def __init__(self, peer: Cluster, state: Path, api: Any, lister: Path) -> None:
-        self.peer, self.state, self.api, self.lister = peer, state, api, lister
-
-    def obj(self, version: str, kind: str, name: str, ns: str | None = NS) -> dict[str, Any] | None:
-        from kubernetes.dynamic.exceptions import NotFoundError
-
-        try:
-            return self.api.resources.get(api_version=version, kind=kind).get(name=name, namespace=ns).to_dict()
-        except NotFoundError:
-            return None
-
-    def create(self, obj: dict[str, Any], ns: str | None = NS) -> None:
-        r = self.api.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
-        r.create(body=obj, namespace=ns if r.namespaced else None)
-
-    def pvc(self, name: str) -> str:
-        self.create({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name},
-                     "spec": {"storageClassName": "fc-smd", "accessModes": ["ReadWriteOnce"], "volumeMode": "Block",
-                              "resources": {"requests": {"storage": "16Mi"}}}})
-
-        def bound() -> str:
-            p = self.obj("v1", "PersistentVolumeClaim", name) or {}
-            if (p.get("status") or {}).get("phase") != "Bound":
-                return ""
-            pv = self.obj("v1", "PersistentVolume", p["spec"]["volumeName"], None) or {}
-            return str(pv["spec"]["csi"]["volumeHandle"])
-        return wait_for(bound, timeout=WAIT, what=f"PVC {name} bound", interval=POLL, why=self.peer.logs)
-
-    def snapshot(self, name: str, pvc: str) -> str:
-        self.create({"apiVersion": SNAP, "kind": "VolumeSnapshot", "metadata": {"name": name},
-                     "spec": {"volumeSnapshotClassName": "flashcopy", "source": {"persistentVolumeClaimName": pvc}}})
-
-        def ready() -> str:
-            st = (self.obj(SNAP, "VolumeSnapshot", name) or {}).get("status") or {}
-            if not st.get("readyToUse"):
-                return ""
-            vsc = self.obj(SNAP, "VolumeSnapshotContent", st["boundVolumeSnapshotContentName"], None) or {}
-            return str(vsc["status"]["snapshotHandle"])
-        return wait_for(ready, timeout=WAIT, what=f"VolumeSnapshot {name} ready", interval=POLL, why=self.peer.logs)
+        super().__init__(peer, api, NS)
+        self.state, self.lister = state, lister
 
     def list_blocks(self, snapshot: str, base: str | None = None) -> tuple[subprocess.CompletedProcess[str],
                                                                              list[tuple[int, int]]]:
@@ -208,7 +172,7 @@ def _covers(ranges: list[tuple[int, int]], offset: int, length: int) -> bool:
 
 
 def test_allocated_and_changed_blocks_of_real_volume_snapshots_through_the_sidecar(env: Env) -> None:
-    vid = env.pvc("data")
+    vid = env.pvc("data", sc="fc-smd", block=True)
     first = {0: b"a" * BLOCK, 3 * GRAIN + 8 * BLOCK: b"b" * BLOCK, 9 * GRAIN: b"c" * 2 * BLOCK}
     _write(env, vid, first)
     env.snapshot("data-1", "data")
@@ -234,9 +198,9 @@ def test_allocated_and_changed_blocks_of_real_volume_snapshots_through_the_sidec
 
 
 def test_the_driver_errors_reach_the_backup_client(env: Env) -> None:
-    env.pvc("other")
+    env.pvc("other", sc="fc-smd", block=True)
     env.snapshot("other-1", "other")
-    env.pvc("mine")
+    env.pvc("mine", sc="fc-smd", block=True)
     env.snapshot("mine-1", "mine")
     r, _ = env.list_blocks("mine-1", base="other-1")  # two different volumes
     assert r.returncode != 0 and "InvalidArgument" in (r.stdout + r.stderr), r.stdout + r.stderr
