@@ -245,16 +245,18 @@ class DataPath:
             else:
                 rec = StageRecord(volume_id, staging_path, block, fs_type, read_only,
                                   mount_flags=list(mount_flags))
+            earlier = volume_id in self._records.items
             try:
                 self._setup(rec, vol.size)
+                self._records.items[volume_id] = rec
+                self._records.save()  # may fail too (a full state dir): then nothing of this call stays
             except Exception:
                 # undo what this call did unless an earlier stage (recorded) owns it
-                if volume_id not in self._records.items:
+                if not earlier:
+                    self._records.items.pop(volume_id, None)
                     with contextlib.suppress(Exception):
                         self._teardown(rec, "rollback stage")
                 raise
-            self._records.items[volume_id] = rec
-            self._records.save()
             return rec
 
     def _setup(self, rec: StageRecord, size: int) -> None:

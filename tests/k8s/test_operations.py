@@ -261,6 +261,13 @@ def test_status_json_shows_snapshots_clones_in_progress_and_a_stopped_mapping_wi
     d = Staged(env, full)  # staged first: staging itself needs room for its metadata
     try:
         subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M", "status=none"], check=False)
+        # staging on a full state dir fails, and leaves no loop device behind
+        from csi_driver.datapath import privileged
+        from csi_driver.engine import errors
+
+        with pytest.raises(errors.NoSpace):
+            Staged(env, base)
+        assert not [lo for lo in privileged.list_loops() if base in lo.backing_file]
         for g in range(4):
             d.write(g * GRAIN, block(f"full-new-{g}"))
     finally:
