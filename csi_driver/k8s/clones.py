@@ -101,12 +101,13 @@ def _call(what: str, fn: Callable[[], Any], *, missing: str | None = None) -> An
             return None
         if e.status == 404:
             raise CloneError(missing) from None
-        raise CloneError(f"{what}: {e.status} {e.reason}: {_api_message(e)}") from None
+        raise CloneError(f"{what}: {e.status} {e.reason}: {api_message(e)}") from None
     except Exception as e:  # connection refused, TLS, DNS: urllib3 errors
         raise CloneError(f"{what}: cannot reach the API server: {type(e).__name__}: {e}") from None
 
 
-def _api_message(e: Any) -> str:
+def api_message(e: Any) -> str:
+    """The API server's one-line message of an ApiException."""
     import json
 
     try:

@@ -132,29 +132,27 @@ def local_backend(args: argparse.Namespace) -> Iterator[Backend]:
         backend.close()
 
 
-def _custom(args: argparse.Namespace) -> tuple[Any, Any]:
+def _custom(args: argparse.Namespace) -> Any:
+    """A CustomObjectsApi for the cluster the arguments name."""
     from kubernetes import client
 
     from csi_driver.k8s.apiclient import ApiUnreachable, api_client
 
     try:
-        c = api_client(args.kubeconfig)
+        return client.CustomObjectsApi(api_client(args.kubeconfig))
     except ApiUnreachable as e:
         raise CommandError(str(e)) from None
-    return client.CustomObjectsApi(c), client.CoreV1Api(c)
 
 
 def _api(what: str, fn: Callable[[], Any]) -> Any:
     from kubernetes.client.exceptions import ApiException
 
+    from csi_driver.k8s.clones import api_message
+
     try:
         return fn()
     except ApiException as e:
-        try:
-            message = json.loads(e.body or "{}").get("message", "")
-        except (TypeError, ValueError):
-            message = str(e.body or "")[:300]
-        raise CommandError(f"{what}: {e.status} {e.reason}: {message}") from None
+        raise CommandError(f"{what}: {e.status} {e.reason}: {api_message(e)}") from None
     except Exception as e:
         raise CommandError(f"{what}: cannot reach the API server: {type(e).__name__}: {e}") from None
 
@@ -164,7 +162,7 @@ def _api(what: str, fn: Callable[[], Any]) -> Any:
 
 def _doc(args: argparse.Namespace) -> dict[str, Any]:
     if _cluster(args):
-        custom, _ = _custom(args)
+        custom = _custom(args)
         nodes = _api("listing FlashCopyNode objects", lambda: custom.list_namespaced_custom_object(
             GROUP, VERSION, args.namespace, NODES))["items"]
         docs = []
@@ -232,7 +230,7 @@ def _restore(args: argparse.Namespace) -> int:
         return OK
     if not args.pvc:
         raise CommandError("restore in a cluster needs --pvc NAME and --snapshot NAME")
-    custom, _ = _custom(args)
+    custom = _custom(args)
     spec: dict[str, Any] = {"pvcName": args.pvc, "snapshotName": args.snapshot}
     if args.copy_rate is not None:
         spec["copyRate"] = rate
@@ -267,7 +265,7 @@ def _refresh(args: argparse.Namespace) -> int:
         return code
     if not args.selector:
         raise CommandError("refresh in a cluster needs --selector K=V (the clones' labels)")
-    custom, _ = _custom(args)
+    custom = _custom(args)
     spec: dict[str, Any] = {"selector": args.selector}
     if args.from_snapshot:
         spec["fromSnapshot"] = args.from_snapshot

@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -160,14 +159,14 @@ class Operations:
             raise
 
     def event(self, ref: Ref, type_: str, reason: str, message: str) -> None:
-        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        now = _now()
         body = {
             "apiVersion": "v1", "kind": "Event",
             "metadata": {"generateName": f"{ref.name}.", "namespace": ref.namespace},
             "involvedObject": {"kind": ref.kind, "apiVersion": ref.api_version, "namespace": ref.namespace,
                                "name": ref.name, "uid": ref.uid},
             "reason": reason, "message": message[:1024], "type": type_, "count": 1,
-            "firstTimestamp": now[:19] + "Z", "lastTimestamp": now[:19] + "Z",
+            "firstTimestamp": now, "lastTimestamp": now,
             "source": {"component": COMPONENT}, "reportingComponent": COMPONENT,
             "reportingInstance": self.leader.identity if self.leader is not None else COMPONENT,
         }
@@ -246,15 +245,14 @@ class Operations:
                     self._about(m.target_id, "Normal", "CopyCompleted",
                                 f"background copy from {m.source_id} complete: the volume is independent of it")
                 continue
-            target = f"{m.target_id}"
             restarted = m.start_time != before.start_time  # a refresh: started again, perhaps done already
             if m.state == "stopped" and before.state != "stopped":
-                self._about(target, "Warning", "FlashCopyStopped",
+                self._about(m.target_id, "Warning", "FlashCopyStopped",
                             f"FlashCopy mapping {m.id} from {m.source_id} stopped: {m.error or 'stopped'}")
             elif m.error.startswith(WAITING_FOR_SPACE) and not before.error.startswith(WAITING_FOR_SPACE):
-                self._about(target, "Warning", "CopyWaitingForSpace", f"mapping {m.id}: {m.error}")
+                self._about(m.target_id, "Warning", "CopyWaitingForSpace", f"mapping {m.id}: {m.error}")
             elif m.state == "idle_or_copied" and (before.state == "copying" or restarted):
-                self._about(target, "Normal", "CopyCompleted",
+                self._about(m.target_id, "Normal", "CopyCompleted",
                             f"background copy from {m.source_id} complete: the volume is independent of it")
         for mid, before in last.items():
             if mid not in now and before.state == "copying" and before.target_id in live:
@@ -484,15 +482,6 @@ def _summary(doc: dict[str, Any]) -> dict[str, Any]:
         "bytesToCopy": to_copy, "bytesToClean": sum(m["bytesToClean"] for m in maps),
         "toCopy": view.human_bytes(to_copy),
     }
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.5) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def start_for_serve(args: Any, backend: Backend, *, driver_name: str, node_id: str) -> Operations | None:

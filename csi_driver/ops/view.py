@@ -12,9 +12,6 @@ from typing import Any
 from csi_driver.api import CopyStatus, Report, VolumeStatus
 from csi_driver.csi import objects as o
 
-#: states in which a mapping has background work left (copying, or cleaning into the next node)
-BUSY = ("copying", "stopping")
-
 
 def volume_kind(v: VolumeStatus) -> str:
     if v.hidden:
