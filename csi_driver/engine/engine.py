@@ -89,6 +89,7 @@ class Engine(Groups, Jobs):
         self._reserve_released = False
         self._reserve_checked = 0.0
         self._pool = {}
+        self._init_bypass()
         os.makedirs(self.data_dir, exist_ok=True)
         self._lockfd = os.open(os.path.join(self.state_dir, "engine.lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -198,6 +199,8 @@ class Engine(Groups, Jobs):
             v = self._io_vol(volume_id, offset, len(data))
             if not data:
                 return
+            if volume_id in self._bypass_vols:
+                self._bypass_stale = True  # the bypass left this to us: its grant may widen after the commit
             grain = v.grain
             first, last = offset // grain, (offset + len(data) - 1) // grain
             try:
@@ -244,6 +247,7 @@ class Engine(Groups, Jobs):
                 self._flush_all()
                 return
             v = self._vol(volume_id)
+            self._bypass_collect_dirty([v.id])
             self._commit()  # bits and held writes of every volume: one transaction is all there is
             if v in self._host_dirty:
                 self._host_dirty.discard(v)
@@ -279,7 +283,8 @@ class Engine(Groups, Jobs):
 
     def allocated_extents(self, volume_id: str, *, start: int = 0, limit: int = 0) -> list[tuple[int, int]]:
         """(offset, length) extents, ascending and merged, grain granular, of the grains of volume_id's view that
-        hold data: every byte ever written and not discarded lies in one; a grain never written is in none.
+        hold data: every byte that reads non-zero lies in one; a grain never written is in none. A grain whose
+        data is all zeros may be a hole (thin stays thin) and then is not reported: it reads as zeros anyway.
 
         From the bitmaps (I1: which node serves each grain) and that node's SEEK_DATA extents; no data is read.
         Paged: only extents ending after byte `start` (the one holding it begins at the start of its grain), at
@@ -357,6 +362,9 @@ class Engine(Groups, Jobs):
         with self._lock:
             if self._closed:
                 return
+            self._bypass_quiet()
+            self._bypass_collect_dirty()
+            self._bypass_vols.clear()  # no grant comes back: the files close
             self._flush_all()
             self._closed = True
             self._held.clear()
@@ -378,6 +386,8 @@ class Engine(Groups, Jobs):
         For crash tests (tests/engine/crashsim.py) on an engine opened with background=False.
         """
         with self._lock:
+            self._bypass_quiet()
+            self._bypass_vols.clear()
             self._closed = True
             self._held.clear()
             self._gate.notify_all()
