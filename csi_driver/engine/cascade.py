@@ -185,6 +185,7 @@ class Cascade(Durability):
                     img[:] = view()
                     img[goff:goff + len(piece)] = piece
                 v.pending[g] = img
+                self._bypass_unread(v, g)  # B1: the file no longer holds v's current g
                 self._pending_bytes += len(img)
         else:
             # a target that does not own g: fill the grain from upstream, write it whole, then own it
@@ -373,6 +374,7 @@ class Cascade(Durability):
         """v owns every grain durably: cut it from upstream; its downstream keeps reading through it."""
         up = v.upstream
         if up is not None:
+            self._bypass_stale = True  # both sides may gain grants at the next commit
             up.downstream = None
             v.upstream = None
             self._dirty_vol(up)
@@ -388,6 +390,7 @@ class Cascade(Durability):
 
     def _stop_dependents(self, d: Vol, reason: str) -> None:
         """Forced stop of target d and of every node below it that needs d's grains (out-of-space policy)."""
+        self._bypass_quiet()  # B3: links and online states change below
         victims = [d]
         owned = d.bits.as_int() if d.bits is not None else (1 << d.ngrains) - 1
         e = d.downstream
@@ -444,6 +447,7 @@ class Cascade(Durability):
                 v.pending.clear()
                 # the file goes after the metadata no longer names it; an orphan left by a crash goes at open
                 self._unlink_later.append(v)
+                self._bypass_stale = True
                 changed = True
 
 

@@ -28,9 +28,10 @@ from collections.abc import Callable
 
 from csi_driver.engine import errors
 from csi_driver.engine.bitmap import Bitmap
+from csi_driver.engine.bypass import BypassGrants
 from csi_driver.engine.fileio import FileNoSpace
 from csi_driver.engine.model import GRAIN_SIZES
-from csi_driver.engine.state import EngineState, Group, Map, Vol
+from csi_driver.engine.state import Group, Map, Vol
 from csi_driver.engine.store import Changes, dump_attrs
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class EngineStats:
             self.on_commit(seconds)
 
 
-class Durability(EngineState):
+class Durability(BypassGrants):
     """Dirty tracking and the commit (I4-I6). Every method expects the engine lock held."""
 
     #: counters for metrics; None (nothing counted) until an exporter attaches one
@@ -169,6 +170,8 @@ class Durability(EngineState):
             self._host_dirty.add(v)
         self._pending_bytes = 0
         self._last_commit = time.monotonic()
+        if self._bypass_stale:
+            self._bypass_regrant()  # new durable bits may widen grants (B3)
         if timed and st is not None:
             st.committed(time.perf_counter() - t0)
 
@@ -194,6 +197,7 @@ class Durability(EngineState):
 
     def _flush_all(self) -> None:
         """Commit, then fdatasync every file with host writes: everything written so far is durable."""
+        self._bypass_collect_dirty()
         self._commit()
         for v in list(self._host_dirty):
             if v.fd >= 0:

@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 
 from csi_driver.engine import errors
+from csi_driver.engine.bypass import changes_io
 from csi_driver.engine.mappings import Mappings
 from csi_driver.engine.model import CopyItem, GroupInfo, MappingInfo, VolumeInfo
 from csi_driver.engine.state import Group, Map, Quiesce, Vol
@@ -52,12 +53,14 @@ class Groups(Mappings):
         with self._lock:
             return [self._ginfo(g) for g in sorted(self._groups.values(), key=lambda g: g.seq)]
 
+    @changes_io
     def prepare_group(self, group_id: str) -> GroupInfo:
         with self._lock:
             g = self._group(group_id)
             self._prepare(self._members(g))
             return self._ginfo(g)
 
+    @changes_io
     def start_group(self, group_id: str, *, quiesce: Quiesce | None = None) -> GroupInfo:
         with self._lock:
             self._check_open()
@@ -71,6 +74,7 @@ class Groups(Mappings):
         with self._lock:
             return self._ginfo(g)
 
+    @changes_io
     def stop_group(self, group_id: str, *, force: bool = False) -> GroupInfo:
         with self._lock:
             g = self._group(group_id)
@@ -80,6 +84,7 @@ class Groups(Mappings):
             self._work.notify_all()
             return self._ginfo(g)
 
+    @changes_io
     def delete_group(self, group_id: str) -> None:
         """Delete the group; its mappings become stand-alone (FlashCopy's group 0)."""
         with self._lock:
@@ -91,6 +96,7 @@ class Groups(Mappings):
             self._ch.del_groups.add(g.id)
             self._commit()
 
+    @changes_io
     def snapshot_group(self, items: Sequence[CopyItem], *, group_name: str, copy_rate: int = 0,
                        quiesce: Quiesce | None = None) -> tuple[GroupInfo, list[tuple[VolumeInfo, MappingInfo]]]:
         """Snapshots of several volumes at one instant (a consistency group). All are made or none."""
@@ -100,6 +106,7 @@ class Groups(Mappings):
         assert grp is not None
         return grp, pairs
 
+    @changes_io
     def begin_group_start(self, items: Sequence[CopyItem], *, group_name: str, copy_rate: int = 0,
                           quiesce: Quiesce | None = None, watchdog: float = 5.0) -> GroupStart:
         """Prepare this engine's part of a multi-engine group start (see GroupStart); returns once prepared."""
@@ -177,6 +184,8 @@ class GroupStart:
             with e._lock:
                 e._start_prepared(self._maps, self._group)
             e._drop_stale()
+            with e._lock:
+                e._bypass_regrant()
             self.phase = "started"
             # the coordinator releases next; if it does not, the copies stay and the writes go on
             self._timer = threading.Timer(self.watchdog, self._on_watchdog)
@@ -229,6 +238,7 @@ class GroupStart:
                 else:
                     e._held.pop(vid, None)
             self._gated = []
+            e._bypass_regrant()  # writes of the sources may be bypassed again (B2)
             e._gate.notify_all()
         ctx, self._ctx = self._ctx, None
         try:

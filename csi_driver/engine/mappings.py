@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from csi_driver.engine import errors
 from csi_driver.engine.bitmap import Bitmap
+from csi_driver.engine.bypass import changes_io
 from csi_driver.engine.model import (
     DEFAULT_CLEAN_RATE,
     DEFAULT_COPY_RATE,
@@ -42,6 +43,7 @@ class Mappings(Volumes):
 
     # ------------------------------------------------------------------ create, look up, modify
 
+    @changes_io
     def create_mapping(self, source_id: str, target_id: str, *, copy_rate: int = DEFAULT_COPY_RATE,
                        clean_rate: int = DEFAULT_CLEAN_RATE, grain_size: int | None = None,
                        incremental: bool = False, autodelete: bool = False, group_id: str | None = None,
@@ -127,6 +129,7 @@ class Mappings(Volumes):
         if t.upstream is not None:
             raise errors.InvalidState(f"target {t.id} is already the target of an active mapping")
 
+    @changes_io
     def prepare_mapping(self, mapping_id: str) -> MappingInfo:
         with self._lock:
             self._check_open()
@@ -160,6 +163,7 @@ class Mappings(Volumes):
             if m.state == MappingState.PREPARING:
                 m.state = MappingState.PREPARED
 
+    @changes_io
     def start_mapping(self, mapping_id: str, *, quiesce: Quiesce | None = None) -> MappingInfo:
         with self._lock:
             self._check_open()
@@ -236,6 +240,7 @@ class Mappings(Volumes):
 
     # ------------------------------------------------------------------ stop, complete, delete
 
+    @changes_io
     def stop_mapping(self, mapping_id: str, *, force: bool = False) -> MappingInfo:
         with self._lock:
             self._check_open()
@@ -295,6 +300,7 @@ class Mappings(Volumes):
         self._commit()
         self._work.notify_all()
 
+    @changes_io
     def delete_mapping(self, mapping_id: str, *, force: bool = False) -> None:
         with self._lock:
             m = self._map(mapping_id)
@@ -314,6 +320,7 @@ class Mappings(Volumes):
 
     # ------------------------------------------------------------------ one-call copies
 
+    @changes_io
     def snapshot(self, source_id: str, name: str, *, copy_rate: int = 0, clean_rate: int = 0,
                  attrs: dict[str, str] | None = None, volume_id: str | None = None,
                  quiesce: Quiesce | None = None) -> tuple[VolumeInfo, MappingInfo]:
@@ -322,6 +329,7 @@ class Mappings(Volumes):
                                   autodelete=False, quiesce=quiesce)
         return pairs[0]
 
+    @changes_io
     def clone(self, source_id: str, name: str, *, size: int | None = None, copy_rate: int = DEFAULT_COPY_RATE,
               clean_rate: int = DEFAULT_CLEAN_RATE, attrs: dict[str, str] | None = None,
               volume_id: str | None = None, autodelete: bool = True, incremental: bool = False,
@@ -431,6 +439,7 @@ class Mappings(Volumes):
             with contextlib.suppress(Exception):
                 self._commit()
 
+    @changes_io
     def refresh(self, target_id: str, source_id: str, *, copy_rate: int | None = None) -> tuple[MappingInfo, int]:
         """Incremental refresh: target shows source's data at once, and only grains that may differ are copied.
 
@@ -497,6 +506,7 @@ class Mappings(Volumes):
             ids = [m.id for m in sorted(self._maps.values(), key=lambda m: m.seq) if m.target == volume_id]
         return [self.modify_mapping(i, copy_rate=copy_rate, clean_rate=clean_rate) for i in ids]
 
+    @changes_io
     def restore(self, from_volume_id: str, to_volume_id: str, *, copy_rate: int = DEFAULT_COPY_RATE) -> MappingInfo:
         """Reverse FlashCopy: to_volume shows from_volume's data at once; other snapshots are kept."""
         with self._lock:

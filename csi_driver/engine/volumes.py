@@ -6,6 +6,7 @@ import secrets
 import time
 
 from csi_driver.engine import errors
+from csi_driver.engine.bypass import changes_io
 from csi_driver.engine.cascade import Cascade
 from csi_driver.engine.model import (
     DEFAULT_GRAIN,
@@ -98,6 +99,7 @@ class Volumes(Cascade):
             self._commit()
             return self._vinfo(v)
 
+    @changes_io
     def resize_volume(self, volume_id: str, new_size: int) -> VolumeInfo:
         with self._lock:
             self._check_open()
@@ -126,6 +128,7 @@ class Volumes(Cascade):
             self._commit()
             return self._vinfo(v)
 
+    @changes_io
     def delete_volume(self, volume_id: str) -> None:
         """Delete at once for the caller; storage goes when nothing reads through the volume any more."""
         with self._lock:

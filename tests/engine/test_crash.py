@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from csi_driver.engine import CopyItem, Engine, errors
+from tests.engine.bypass_sim import SimBypass
 from tests.engine.crashsim import Crash, CrashIO, abandon
 
 GRAIN = 64 * 1024
@@ -85,8 +86,11 @@ def check_volume(eng: Engine, vid: str, vm: VModel) -> str | None:
     return None
 
 
-def run_workload(eng: Engine, seed: int, world: World, log: list[tuple[str, World, set[str]]]) -> None:
-    """A deterministic workload. Before each step, log (step, model-before, names the step may create/delete)."""
+def run_workload(eng: Engine, seed: int, world: World, log: list[tuple[str, World, set[str]]], *,
+                 bypass: SimBypass | None = None) -> None:
+    """A deterministic workload. Before each step, log (step, model-before, names the step may create/delete).
+
+    With a bypass, every volume written is offered to it and host writes go through its grants."""
     rng = random.Random(seed)
 
     def step(what: str, maybe: set[str] | None = None) -> None:
@@ -117,6 +121,9 @@ def run_workload(eng: Engine, seed: int, world: World, log: list[tuple[str, Worl
             world.write(vname, off, data)
             if op == "discard":
                 eng.discard(vid, off, len(data))
+            elif bypass is not None:
+                eng.bypass_volume(vid, True)
+                bypass.write(eng, vid, off, data)
             else:
                 eng.write(vid, off, data)
         elif op == "flush" and rng.random() < 0.5:
@@ -197,14 +204,20 @@ def verify(state_dir: str, log: list[tuple[str, World, set[str]]], final: World)
         eng.close()
 
 
-def crash_run(seed: int, crash_at: int | None, power: str) -> int:
+def crash_run(seed: int, crash_at: int | None, power: str, *, bypass: bool = False) -> int:
     d = tempfile.mkdtemp(prefix="fc-crash-")
     try:
         io = CrashIO(crash_at)
         eng = Engine(d, io=io, background=False)
         world, log = World(), []
+        sim = None
+        if bypass:
+            sim = SimBypass(io)
+            eng.attach_bypass(sim)
         try:
-            run_workload(eng, seed, world, log)
+            run_workload(eng, seed, world, log, bypass=sim)
+            if sim is not None and crash_at is None:
+                assert sim.direct["write"] > 0, "no write took the bypass: the test would prove nothing"
         except Crash:
             abandon(eng)
             if power == "all":
@@ -235,6 +248,18 @@ def test_crash_at_every_io_call(seed: int) -> None:
         crash_run(seed, n, power)
     # one report line per seed for docs/engine.md
     print(f"seed {seed}: {total} I/O calls, {len(points)} kill points verified")
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_crash_through_bypass(seed: int) -> None:
+    """The same workloads with host writes served through bypass grants (csi_driver.engine.bypass): a kill at
+    any I/O call, bypassed or not, leaves every volume at the state before or after the interrupted step."""
+    total = crash_run(seed, None, "none", bypass=True)
+    points = range(1, total + 1)
+    if not HEAVY and total > 100:
+        points = sorted(random.Random(seed + 100).sample(list(points), 100))
+    for i, n in enumerate(points):
+        crash_run(seed, n, ("none", "all", "some")[i % 3], bypass=True)
 
 
 _CHILD = (

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from csi_driver.engine import CopyItem, Engine, MappingState, errors
+from tests.engine.bypass_sim import SimBypass
 from tests.engine.model import Model
 
 GRAIN = 64 * 1024
@@ -30,6 +31,16 @@ class EngineMachine(RuleBasedStateMachine):
         self.eng.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    # host I/O goes through these (BypassMachine routes it through bypass grants)
+    def io_write(self, vid: str, off: int, data: bytes) -> None:
+        self.eng.write(vid, off, data)
+
+    def io_read(self, vid: str, off: int, n: int) -> bytes:
+        return self.eng.read(vid, off, n)
+
+    def created(self, vid: str) -> None:
+        pass
+
     def _name(self) -> str:
         self.n += 1
         return f"v{self.n}"
@@ -45,6 +56,7 @@ class EngineMachine(RuleBasedStateMachine):
         v = self.eng.create_volume(self._name(), size, grain_size=GRAIN)
         assert v.size % GRAIN == 0 and v.size >= size
         self.model.create(v.id, v.size)
+        self.created(v.id)
 
     @precondition(lambda self: self._online())
     @rule(data=st.data(), byte=st.integers(1, 255))
@@ -54,7 +66,7 @@ class EngineMachine(RuleBasedStateMachine):
         off = data.draw(st.integers(0, size - 1))
         n = data.draw(st.integers(1, min(size - off, 3 * GRAIN)))
         payload = bytes([byte]) * n
-        self.eng.write(vid, off, payload)
+        self.io_write(vid, off, payload)
         self.model.write(vid, off, payload)
 
     @precondition(lambda self: self._online())
@@ -162,6 +174,10 @@ class EngineMachine(RuleBasedStateMachine):
     def reopen(self) -> None:
         self.eng.close()
         self.eng = Engine.open(self.dir, background=False)
+        self.reopened()
+
+    def reopened(self) -> None:
+        pass
 
     @invariant()
     def volumes_match_model(self) -> None:
@@ -174,7 +190,7 @@ class EngineMachine(RuleBasedStateMachine):
                     self.eng.read(vid, 0, 1)
                 continue
             assert visible[vid].status == "online", visible[vid]
-            got = self.eng.read(vid, 0, len(want))
+            got = self.io_read(vid, 0, len(want))
             assert got == bytes(want), f"volume {vid} differs from the model"
 
 
@@ -185,3 +201,30 @@ EngineMachine.TestCase.settings = settings(
     suppress_health_check=list(HealthCheck),
 )
 TestEngineModel = EngineMachine.TestCase
+
+
+class BypassMachine(EngineMachine):
+    """The same rules with every volume offered to a bypass and host I/O served through its grants (B1-B4)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reopened()
+
+    def reopened(self) -> None:
+        self.sim = SimBypass(self.eng._io)
+        self.eng.attach_bypass(self.sim)
+        for vid in self.model.data:
+            self.created(vid)
+
+    def created(self, vid: str) -> None:
+        self.eng.bypass_volume(vid, True)
+
+    def io_write(self, vid: str, off: int, data: bytes) -> None:
+        self.sim.write(self.eng, vid, off, data)
+
+    def io_read(self, vid: str, off: int, n: int) -> bytes:
+        return self.sim.read(self.eng, vid, off, n)
+
+
+BypassMachine.TestCase.settings = EngineMachine.TestCase.settings
+TestEngineModelThroughBypass = BypassMachine.TestCase
