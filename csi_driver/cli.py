@@ -186,6 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--out", required=True, help="directory to write (created; existing files are kept)")
     certs.add_argument("--days", type=int, default=3650, help="validity in days (default 3650)")
 
+    keeper = sub.add_parser("fuse-keeper", help="hold /dev/fuse descriptors while the node engine process "
+                            "restarts, so its FUSE mounts stay up")
+    keeper.add_argument("--socket", required=True, help="unix socket to serve on (created 0600)")
+    keeper.add_argument("--idle-exit", type=float, default=30.0,
+                        help="exit after holding nothing for this many seconds (default 30)")
+
     demo = sub.add_parser("demo", help="a short engine tour on a local state directory")
     demo.add_argument("--state-dir", default=_env("CSI_FLASHCOPY_STATE_DIR", "./state"))
 
@@ -211,6 +217,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         from csi_driver.remote.tls import run_certs
 
         return run_certs(args.out, days=args.days)
+    if args.command == "fuse-keeper":
+        from csi_driver.datapath import fuse_keeper
+        from csi_driver.logs import configure_logging
+
+        configure_logging()
+        try:
+            fuse_keeper.serve(args.socket, idle_exit=args.idle_exit)
+        except RuntimeError as e:
+            print(f"csi-flashcopy fuse-keeper: {e}", file=sys.stderr)
+            return 1
+        return 0
     if args.command == "demo":
         from csi_driver.demo import run_demo
 
