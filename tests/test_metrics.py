@@ -5,6 +5,7 @@ commits, held writes), the FUSE handlers' counters, and a real `csi-flashcopy en
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import signal
@@ -21,12 +22,14 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from csi_driver.datapath.fuse_export import FUSE_BUCKETS, FuseExport, Timings, _Ops
+from csi_driver.datapath import fuse_wire
+from csi_driver.datapath.fuse_export import FUSE_BUCKETS, FuseExport, Timings
 from csi_driver.engine import Engine
 from csi_driver.metrics import EngineCollector, RpcMetrics, new_registry, serve_metrics
 from csi_driver.proto_gen import csi_pb2
 from tests.csi.conftest import REPO, CsiServer, MiB, mount_cap, rpc_code, server_factory  # noqa: F401 - fixture
 from tests.datapath.conftest import KERNEL_SKIP, leftovers
+from tests.datapath.fuse_requests import Client
 from tests.waiting import wait_for
 
 KiB = 1 << 10
@@ -217,19 +220,19 @@ def test_fuse_requests_are_counted_and_timed(tmp_path: Path) -> None:
         def discard(self, offset: int, length: int) -> None:
             self.buf[offset:offset + length] = bytes(length)
 
-    fuse = types.SimpleNamespace(FuseOSError=type("FuseOSError", (OSError,), {}))
-    export = FuseExport(str(tmp_path / "mnt"))  # never mounted: the handlers are called directly
+    export = FuseExport(str(tmp_path / "mnt"))  # never mounted: the handler gets the requests directly
     export.add("rw", Mem(MiB))
     export.add("ro", Mem(MiB), read_only=True)
-    ops = _Ops(export, fuse)
-    rw, ro = ops.open("/rw", os.O_RDWR), ops.open("/ro", os.O_RDONLY)
+    c = Client(export.handler)
+    c.init()
+    rw, ro = c.lookup("rw"), c.lookup("ro")
+    assert c.open(rw, os.O_RDWR)[0] == 0 and c.open(ro, os.O_RDONLY)[0] == 0
     for i in range(5):
-        assert ops.write(None, b"w" * 4096, i * 4096, rw) == 4096
-    assert ops.read(None, 8192, 0, rw) == b"w" * 8192
-    ops.fsync(None, 0, rw)
-    ops.fallocate(None, 0x02 | 0x01, 0, 4096, rw)
-    with pytest.raises(OSError):
-        ops.write(None, b"x", 0, ro)  # EROFS
+        assert c.write(rw, i * 4096, b"w" * 4096) == (0, fuse_wire.WRITE_OUT.pack(4096, 0))
+    assert c.read(rw, 0, 8192) == (0, b"w" * 8192)
+    assert c.fsync(rw)[0] == 0
+    assert c.fallocate(rw, 0, 4096, 0x02 | 0x01)[0] == 0
+    assert c.write(ro, 0, b"x")[0] == errno.EROFS
     dp = types.SimpleNamespace(export=export, freeze_timings=Timings((0.1, 1.0), ("freeze",)))
     dp.freeze_timings.observe("freeze", 0.05)
     dp.freeze_timings.observe("freeze", 0.5)

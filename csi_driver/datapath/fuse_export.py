@@ -4,23 +4,27 @@ One FUSE mount per node engine process (a directory under the state dir); `add`/
 appear and vanish. A loop device with direct I/O sits on each file, so the kernel keeps no second page cache
 and every block request becomes one FUSE request:
 
-- read/write     -> target.read / target.write (1 MiB requests: max_write/max_read raised from 128 KiB)
+- read/write     -> the fast path (granted grains of an engine volume: the compiled loop reads and writes the
+                    volume's own data file, csi_driver/engine/bypass.py) or target.read / target.write
 - fsync          -> target.flush (a filesystem's flush or the device's FLUSH reaches the engine)
 - fallocate      -> PUNCH_HOLE / ZERO_RANGE -> target.discard (loop turns DISCARD/WRITE_ZEROES into these)
 
-Binding: mfusepy (ctypes over libfuse3's high-level API, multithreaded loop). pyfuse3 was ruled out because
-it has no fallocate handler, so discard could never reach the engine; mfusepy measured well above the bench
-target (see docs/datapath.md).
+The FUSE protocol is spoken here directly (fuse_wire, fuse_session: no libfuse), because the connection must
+survive the process: with a keeper (csi_driver.datapath.fuse_keeper) holding the /dev/fuse descriptor, a
+restarted engine process takes the same mount over and the kernel resends what the dead one never answered.
+Node ids are kept in `<mount>.nodes.json` and every open file's handle is its node id, so a successor
+understands the kernel's requests without having seen their LOOKUP or OPEN.
 
-Every read, write, fsync and fallocate request is counted and timed in `FuseExport.stats` (a `Timings`: plain
-numbers under one lock, about 0.4 us a request); csi_driver.metrics shows them to Prometheus (docs/metrics.md).
+Every read, write, fsync and fallocate request is counted and timed in `FuseExport.stats` (a `Timings`, with
+the compiled loop's own counters added); csi_driver.metrics shows them to Prometheus (docs/metrics.md).
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
-import itertools
+import json
 import logging
 import os
 import stat
@@ -28,7 +32,8 @@ import threading
 import time
 from typing import Any, Protocol, runtime_checkable
 
-from csi_driver.datapath import privileged
+from csi_driver.datapath import fuse_session, privileged
+from csi_driver.datapath import fuse_wire as w
 
 log = logging.getLogger(__name__)
 
@@ -154,94 +159,242 @@ class EngineVolume:
 
 
 class _Entry:
-    __slots__ = ("name", "target", "read_only", "size", "opens")
+    __slots__ = ("name", "node", "target", "read_only", "size", "opens")
 
-    def __init__(self, name: str, target: BlockTarget, read_only: bool):
+    def __init__(self, name: str, node: int, target: BlockTarget, read_only: bool):
         self.name = name
+        self.node = node
         self.target = target
         self.read_only = read_only
         self.size = target.size
         self.opens = 0
 
 
-def _import_mfusepy() -> Any:
-    import mfusepy
+class _NodeIds:
+    """name -> FUSE node id, kept in a JSON file (replaced atomically) so that a successor process knows the ids
+    the kernel already holds. Ids are never reused: a stale id in the kernel can only miss, never alias."""
 
-    return mfusepy
+    ROOT = 1
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.ids: dict[str, int] = {}
+        self.next = 2
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+            self.ids = {str(k): int(v) for k, v in raw.get("ids", {}).items()}
+            self.next = max(int(raw.get("next", 2)), max(self.ids.values(), default=1) + 1)
+        except FileNotFoundError:
+            pass
+        except (ValueError, TypeError, AttributeError) as e:
+            log.warning("ignoring unreadable FUSE node ids in %s: %s", path, e)
+
+    def get(self, name: str) -> int:
+        node = self.ids.get(name)
+        if node is None:
+            node = self.ids[name] = self.next
+            self.next += 1
+            self._save()
+        return node
+
+    def drop(self, name: str) -> None:
+        if self.ids.pop(name, None) is not None:
+            self._save()
+
+    def _save(self) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"next": self.next, "ids": self.ids}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+
+class _ExportTimings(Timings):
+    """The handler's own series plus the compiled loop's fast-path counters, merged at snapshot time."""
+
+    __slots__ = ("loop",)
+
+    def __init__(self, bounds: tuple[float, ...], keys: tuple[str, ...]) -> None:
+        super().__init__(bounds, keys)
+        self.loop: fuse_session.RequestLoop | None = None
+
+    def snapshot(self) -> dict[str, Series]:
+        snap = super().snapshot()
+        fast = self.loop.counters() if self.loop is not None else {}
+        for op in ("read", "write"):
+            c = fast.get(op)
+            if not c:
+                continue
+            s = snap.setdefault(op, Series(self.bounds))
+            count, nbytes, seconds, buckets = c
+            s.count += count
+            s.bytes += nbytes
+            s.seconds += seconds
+            s.buckets = [a + b for a, b in zip(s.buckets, buckets)]
+        return snap
 
 
 class FuseExport:
     """One FUSE mount serving a flat directory of volume files.
 
-    Thread-safe. `start()` mounts (removing a dead mount left by a crashed predecessor first), `stop()`
-    unmounts; files are added and removed while mounted. `runner` runs the umount commands (None: the real one).
+    Thread-safe. `start()` mounts, or takes over the live connection a keeper holds for this mount point (an
+    engine restart), else removes a dead mount left by a crashed predecessor first; `stop()` unmounts, or with
+    handover=True leaves the connection to the keeper. Files are added and removed while mounted.
+    `runner` runs the umount commands (None: the real one). keeper_dir: the state directory whose FUSE keeper
+    holds the connection across restarts (None: none; the connection dies with this process).
     """
 
-    def __init__(self, mount_point: str, *, fsname: str = "flashcopy", runner: privileged.Runner | None = None):
+    def __init__(self, mount_point: str, *, fsname: str = "flashcopy", runner: privileged.Runner | None = None,
+                 keeper_dir: str | None = None, fast: bool = True, threads: int = 8):
         self.mount_point = os.path.abspath(mount_point)
         self.fsname = fsname
         self.runner = runner
+        self.keeper_dir = keeper_dir
+        self.fast = fast and fuse_session.FAST
+        self.threads = threads
         self._entries: dict[str, _Entry] = {}
-        self._handles: dict[int, _Entry] = {}
-        self._fh = itertools.count(1)
+        self._by_node: dict[int, _Entry] = {}
+        self._nodes = _NodeIds(self.mount_point + ".nodes.json")
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-        self._mounted = threading.Event()
+        self._fd = -1
+        self._loop: fuse_session.RequestLoop | None = None
+        self._inited = threading.Event()
+        #: what INIT negotiated (kept with the descriptor by the keeper, for a successor)
+        self.init: dict[str, int] = {}
+        #: how this connection was obtained: "mounted", "adopted" (from the keeper), or "" (not running)
+        self.origin = ""
         #: read/write/fsync/fallocate requests: count, bytes, latency (csi_driver.metrics exports them)
-        self.stats = Timings(FUSE_BUCKETS, FUSE_OPS)
+        self.stats = _ExportTimings(FUSE_BUCKETS, FUSE_OPS)
+        self.handler = _Handler(self)
+        #: the engine's side of the fast path (engine.attach_bypass); None without the compiled loop
+        self.bypass: ExportBypass | None = ExportBypass(self) if self.fast else None
 
     # ------------------------------------------------------------------ lifecycle
 
+    def _keeper(self) -> Any:
+        from csi_driver.datapath import fuse_keeper
+
+        assert self.keeper_dir is not None
+        return fuse_keeper.KeeperClient(fuse_keeper.socket_path(self.keeper_dir))
+
     def start(self, timeout: float = 10.0) -> None:
-        # first: a dead mount makes the directory unusable (ENOTCONN)
+        if self.keeper_dir is not None and self._adopt():
+            return
+        # a dead mount makes the directory unusable (ENOTCONN)
         clear_stale_mount(self.mount_point, runner=self.runner)
         os.makedirs(self.mount_point, exist_ok=True)
-        self._thread = threading.Thread(target=self._serve, name=f"fuse:{self.mount_point}", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._error is not None:
-                raise RuntimeError(f"FUSE mount at {self.mount_point} failed: {self._error}")
-            if any(m.fstype.startswith("fuse") for m in privileged.mounts_at(self.mount_point)):
-                self._mounted.set()
-                return
-            if not self._thread.is_alive():
-                break
-            time.sleep(0.01)
-        raise RuntimeError(f"FUSE mount at {self.mount_point} did not appear (error: {self._error})")
+        self._fd = fuse_session.mount(self.mount_point, fsname=self.fsname, subtype="flashcopy", max_read=IO_SIZE)
+        self._inited.clear()
+        self._run()
+        if not self._inited.wait(timeout):
+            self.stop()
+            raise RuntimeError(f"FUSE mount at {self.mount_point}: the kernel sent no INIT")
+        if "error" in self.init:
+            err = self.init["error"]
+            self.stop()
+            raise RuntimeError(f"FUSE mount at {self.mount_point}: INIT refused ({os.strerror(err)})")
+        self.origin = "mounted"
+        if self.keeper_dir is not None:
+            self._give_keeper()
 
-    def _serve(self) -> None:
-        mfusepy = _import_mfusepy()
+    def _run(self) -> None:
+        loop = fuse_session.new_loop(self._fd, self.handler, IO_SIZE + 64 * 1024, self.threads, fast=self.fast)
+        self.stats.loop = loop
+        loop.start()
+        self._loop = loop
+
+    def _give_keeper(self) -> None:
+        from csi_driver.datapath import fuse_keeper
+
+        assert self.keeper_dir is not None
         try:
-            mfusepy.FUSE(
-                _Ops(self, mfusepy),
-                self.mount_point,
-                foreground=True,
-                fsname=self.fsname,
-                subtype="flashcopy",
-                max_read=IO_SIZE,
-                default_permissions=True,
-            )
-        except BaseException as e:  # reported to start(); the thread ends either way
-            self._error = e
-            log.error("FUSE loop at %s ended: %s", self.mount_point, e)
+            fuse_keeper.ensure_keeper(self.keeper_dir)
+            self._keeper().put(self.mount_point, self._fd,
+                               {"dev": fuse_session.mount_dev(self.mount_point), "init": self.init})
+        except (fuse_keeper.KeeperError, OSError, RuntimeError) as e:
+            # serving goes on; only a restart of this process would then fail the I/O (as without a keeper)
+            log.error("FUSE keeper unavailable, the export at %s will not survive a restart: %s",
+                      self.mount_point, e)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Unmount (lazily if a straggler still holds a file) and wait for the FUSE loop to end."""
-        if self._thread is None:
+    def _adopt(self) -> bool:
+        """Take over the connection the keeper holds for this mount point, if it is still the one mounted."""
+        from csi_driver.datapath import fuse_keeper
+
+        try:
+            got = self._keeper().get(self.mount_point)
+        except fuse_keeper.KeeperError:
+            return False
+        if got is None:
+            return False
+        fd, meta = got
+        dev = fuse_session.mount_dev(self.mount_point)
+        if dev is None or dev != meta.get("dev") or not meta.get("init"):
+            log.warning("the FUSE keeper's connection for %s is not the one mounted there: dropping it",
+                        self.mount_point)
+            os.close(fd)
+            with contextlib.suppress(fuse_keeper.KeeperError):
+                self._keeper().drop(self.mount_point)
+            return False
+        self._fd = fd
+        self.init = {str(k): int(v) for k, v in meta["init"].items()}
+        self._inited.set()
+        self._run()
+        self.origin = "adopted"
+        if self.init.get("resend"):
+            # requests the previous process read and never answered: the kernel queues them again
+            try:
+                os.write(fd, w.notify_resend())
+            except OSError as e:
+                log.error("FUSE resend request failed at %s: %s", self.mount_point, e)
+        log.info("took over the FUSE connection at %s (%s)", self.mount_point,
+                 "resending unanswered requests" if self.init.get("resend") else "no resend in this kernel")
+        return True
+
+    def stop(self, timeout: float = 10.0, *, handover: bool = False) -> None:
+        """Unmount (lazily if a straggler still holds a file) and stop the request loop.
+
+        handover=True (a restart with volumes in use): stop serving but leave the mount and the connection to
+        the keeper; the kernel queues requests until the next process takes it over.
+        """
+        loop = self._loop
+        if loop is None:
             return
+        if handover and self.keeper_dir is not None and self.origin:
+            loop.stop()
+            self._close()
+            return
+        if self.keeper_dir is not None:
+            from csi_driver.datapath import fuse_keeper
+
+            with contextlib.suppress(fuse_keeper.KeeperError):
+                self._keeper().drop(self.mount_point)
         try:
             privileged.umount(self.mount_point, runner=self.runner)
         except privileged.CommandError:  # DeviceBusy among them: a straggler holds a file
-            privileged.umount(self.mount_point, lazy=True, runner=self.runner)
-        self._thread.join(timeout)
-        self._thread = None
-        self._mounted.clear()
+            with contextlib.suppress(privileged.CommandError):
+                privileged.umount(self.mount_point, lazy=True, runner=self.runner)
+        loop.stop()
+        self._close()
+
+    def _close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = -1
+        self._loop = None
+        self.stats.loop = None
+        self.origin = ""
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._loop is not None and self._loop.alive()
+
+    @property
+    def survives_restart(self) -> bool:
+        """A restart of this process pauses I/O instead of failing it (a keeper holds the connection and the
+        kernel resends unanswered requests)."""
+        return self.keeper_dir is not None and bool(self.init.get("resend")) and bool(self.origin)
 
     # ------------------------------------------------------------------ exports
 
@@ -259,14 +412,24 @@ class FuseExport:
         with self._lock:
             entry = self._entries.get(name)
             if entry is None:
-                self._entries[name] = _Entry(name, target, read_only)
+                node = self._nodes.get(name)
+                entry = self._entries[name] = self._by_node[node] = _Entry(name, node, target, read_only)
             else:
+                if self._loop is not None:
+                    self._loop.revoke(entry.node)  # the engine grants again for the new target
                 entry.target, entry.read_only, entry.size = target, read_only, target.size
         return self.path(name)
 
     def remove(self, name: str) -> bool:
         with self._lock:
-            return self._entries.pop(name, None) is not None
+            entry = self._entries.pop(name, None)
+            if entry is None:
+                return False
+            self._by_node.pop(entry.node, None)
+            if self._loop is not None:
+                self._loop.revoke(entry.node)
+            self._nodes.drop(name)
+        return True
 
     def names(self) -> list[str]:
         with self._lock:
@@ -277,21 +440,49 @@ class FuseExport:
         with self._lock:
             entry = self._entries[name]
             entry.size = entry.target.size
-        # attr_timeout is 0, so this stat makes the kernel fetch the new size (loop reads the inode's size)
+        # attr_valid is 0, so this stat makes the kernel fetch the new size (loop reads the inode's size)
         os.stat(self.path(name))
         return entry.size
 
-    def _entry(self, path: str | None, fh: int | None) -> _Entry:
+    def _node_entry(self, node: int) -> _Entry | None:
         with self._lock:
-            if fh:
-                e = self._handles.get(fh)
-                if e is not None:
-                    return e
-            if path:
-                e = self._entries.get(path.lstrip("/"))
-                if e is not None:
-                    return e
-        raise OSError(errno.ENOENT, "no such export")
+            return self._by_node.get(node)
+
+    def _name_entry(self, name: str) -> _Entry | None:
+        with self._lock:
+            return self._entries.get(name)
+
+
+class ExportBypass:
+    """The engine's `Bypass` (csi_driver/engine/bypass.py) over this export's compiled loop: volume ids are
+    export names. Read-only exports get no write grant (the handler's EROFS must not be bypassed)."""
+
+    def __init__(self, export: FuseExport) -> None:
+        self.x = export
+
+    def _node(self, volume_id: str) -> tuple[int, bool] | None:
+        e = self.x._name_entry(volume_id)
+        return None if e is None else (e.node, e.read_only)
+
+    def grant(self, volume_id: str, fd: int, size: int, grain: int, read: bytes, write: bytes) -> None:
+        n, loop = self._node(volume_id), self.x._loop
+        if n is None or loop is None:
+            return
+        loop.grant(n[0], fd, size, grain, read, bytes(len(write)) if n[1] else write)
+
+    def revoke(self, volume_id: str) -> None:
+        n, loop = self._node(volume_id), self.x._loop
+        if n is not None and loop is not None:
+            loop.revoke(n[0])
+
+    def unread(self, volume_id: str, grain: int) -> None:
+        n, loop = self._node(volume_id), self.x._loop
+        if n is not None and loop is not None:
+            loop.unread(n[0], grain)
+
+    def take_dirty(self, volume_id: str) -> bool:
+        n, loop = self._node(volume_id), self.x._loop
+        return n is not None and loop is not None and loop.take_dirty(n[0])
 
 
 def clear_stale_mount(mount_point: str, *, runner: privileged.Runner | None = None) -> None:
@@ -306,209 +497,218 @@ def clear_stale_mount(mount_point: str, *, runner: privileged.Runner | None = No
             privileged.umount(mount_point, lazy=True, runner=runner)
 
 
-class _Ops:
-    """libfuse high-level callbacks (mfusepy). Every error becomes an errno; engine failures are EIO."""
+class _Failed(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(os.strerror(code))
+        self.code = code
 
-    use_ns = True
-    flag_nullpath_ok = True
-    flag_nopath = True
 
-    def __init__(self, export: FuseExport, mfusepy: Any):
+_START = time.time_ns() // 1_000_000_000
+_DIR_MODE = stat.S_IFDIR | 0o750
+
+
+class _Handler:
+    """The FUSE requests the compiled loop does not answer itself: one whole request in, one whole reply out.
+
+    Attributes and entries are never cached by the kernel (valid 0): sizes change on expand, files come and go.
+    Engine failures answer EIO; a handle of a removed export answers EIO too (it must not reach the engine).
+    """
+
+    def __init__(self, export: FuseExport) -> None:
         self.x = export
-        self.FuseOSError = mfusepy.FuseOSError
-        self.start_time = time.time_ns()
         st = export.stats
-        self._read_s, self._write_s = st.series("read"), st.series("write")
-        self._fsync_s, self._fallocate_s = st.series("fsync"), st.series("fallocate")
+        self._series = {w.READ: st.series("read"), w.WRITE: st.series("write"), w.FSYNC: st.series("fsync"),
+                        w.FALLOCATE: st.series("fallocate")}
+        self._ops = {
+            w.INIT: self._init, w.LOOKUP: self._lookup, w.GETATTR: self._getattr, w.SETATTR: self._setattr,
+            w.OPEN: self._open, w.READ: self._read, w.WRITE: self._write, w.FSYNC: self._fsync,
+            w.FLUSH: self._ok, w.RELEASE: self._release, w.OPENDIR: self._opendir, w.READDIR: self._readdir,
+            w.RELEASEDIR: self._ok, w.FSYNCDIR: self._ok, w.STATFS: self._statfs, w.FALLOCATE: self._fallocate,
+            w.ACCESS: self._ok, w.DESTROY: self._ok,
+        }
 
-    def _err(self, code: int) -> Exception:
-        err: Exception = self.FuseOSError(code)
-        return err
-
-    def init_with_config(self, conn: Any, config: Any) -> None:
-        if conn is not None:
-            conn.max_write = IO_SIZE
-            conn.max_read = IO_SIZE
-            conn.max_readahead = IO_SIZE
-        if config is not None:
-            # sizes change on expand: never cache attributes; and never cache file data in the kernel,
-            # so a restore or a write through another path is seen at once
-            config.attr_timeout = 0.0
-            config.entry_timeout = 0.0
-            config.negative_timeout = 0.0
-            config.direct_io = 1
-            config.kernel_cache = 0
-            config.hard_remove = 1
-            if hasattr(config, "nullpath_ok"):
-                config.nullpath_ok = 1
-
-    def destroy(self, path: str) -> None:
-        return None
-
-    def getattr(self, path: str | None, fh: int | None = None) -> dict[str, int]:
-        if path == "/" and not fh:
-            n = len(self.x.names())
-            return dict(st_mode=stat.S_IFDIR | 0o750, st_nlink=2 + n, st_mtime=self.start_time)
+    def __call__(self, req: bytes) -> bytes | None:
+        _len, opcode, unique, nodeid, *_ = w.IN_HEADER.unpack_from(req)
+        if opcode in w.NO_REPLY:
+            return None
+        op = self._ops.get(opcode)
+        if op is None:
+            return w.out(unique, error=errno.ENOSYS)
+        series = self._series.get(opcode)
+        t0 = _now()
+        body = memoryview(req)[w.IN_HEADER.size:]
         try:
-            e = self.x._entry(path, fh)
-        except OSError as ex:
-            raise self._err(errno.ENOENT) from ex
-        mode = 0o400 if e.read_only else 0o600
-        return dict(
-            st_mode=stat.S_IFREG | mode,
-            st_nlink=1,
-            st_size=e.size,
-            st_blocks=(e.size + 511) // 512,
-            st_blksize=4096,
-            st_mtime=self.start_time,
-            st_ctime=self.start_time,
-        )
+            reply, nbytes = op(nodeid, body)
+        except _Failed as f:
+            if series is not None:
+                series.failed(_now() - t0)
+            return w.out(unique, error=f.code)
+        except Exception as e:  # a bug here must not leave the kernel waiting
+            log.exception("FUSE op %d failed: %s", opcode, e)
+            if series is not None:
+                series.failed(_now() - t0)
+            return w.out(unique, error=errno.EIO)
+        if series is not None:
+            series.observe(_now() - t0, nbytes)
+        return w.out(unique, reply)
 
-    def readdir(self, path: str | None, fh: int) -> list[str]:
-        return [".", "..", *self.x.names()]
+    # ------------------------------------------------------------------ session and directory
 
-    def opendir(self, path: str) -> int:
-        return 0
+    def _init(self, nodeid: int, body: memoryview) -> tuple[bytes, int]:
+        major, minor, readahead, flags, flags2 = w.INIT_IN.unpack_from(body)
+        if major != w.KERNEL_VERSION or minor < w.MIN_MINOR:
+            self.x.init = {"error": errno.EPROTO}
+            self.x._inited.set()
+            raise _Failed(errno.EPROTO)
+        kernel = flags | (flags2 << 32 if flags & w.INIT_EXT else 0)
+        want = (w.ASYNC_READ | w.BIG_WRITES | w.ASYNC_DIO | w.MAX_PAGES | w.INIT_EXT) & kernel
+        self.x.init = {"minor": min(minor, w.OUR_MINOR), "flags": want, "max_write": IO_SIZE,
+                       "resend": int(bool(kernel & w.HAS_RESEND))}
+        reply = w.INIT_OUT.pack(w.KERNEL_VERSION, w.OUR_MINOR, min(readahead, IO_SIZE), want & 0xFFFFFFFF,
+                                64, 48, IO_SIZE, 1, IO_SIZE // 4096, 0, want >> 32, 0)
+        self.x._inited.set()
+        return reply, 0
 
-    def releasedir(self, path: str | None, fh: int) -> int:
-        return 0
+    def _ok(self, nodeid: int, body: memoryview) -> tuple[bytes, int]:
+        return b"", 0
 
-    def open(self, path: str, flags: int) -> int:
-        try:
-            e = self.x._entry(path, None)
-        except OSError as ex:
-            raise self._err(errno.ENOENT) from ex
-        if e.read_only and (flags & os.O_ACCMODE) != os.O_RDONLY:
-            raise self._err(errno.EROFS)
+    def _file_attr(self, e: _Entry) -> bytes:
+        mode = stat.S_IFREG | (0o400 if e.read_only else 0o600)
+        return w.attr(e.node, e.size, mode, 1, _START)
+
+    def _attr(self, nodeid: int) -> bytes:
+        if nodeid == _NodeIds.ROOT:
+            return w.attr(nodeid, 0, _DIR_MODE, 2 + len(self.x.names()), _START)
+        e = self.x._node_entry(nodeid)
+        if e is None:
+            raise _Failed(errno.ENOENT)
+        return self._file_attr(e)
+
+    def _lookup(self, nodeid: int, body: memoryview) -> tuple[bytes, int]:
+        name = bytes(body).split(b"\0", 1)[0].decode(errors="replace")
+        e = self.x._name_entry(name) if nodeid == _NodeIds.ROOT else None
+        if e is None:
+            raise _Failed(errno.ENOENT)
+        return w.ENTRY_OUT_HEAD.pack(e.node, 0, 0, 0, 0, 0) + self._file_attr(e), 0
+
+    def _getattr(self, nodeid: int, body: memoryview) -> tuple[bytes, int]:
+        return w.ATTR_OUT_HEAD.pack(0, 0, 0) + self._attr(nodeid), 0
+
+    def _setattr(self, nodeid: int, body: memoryview) -> tuple[bytes, int]:
+        valid, _pad, _fh, size = w.SETATTR_IN.unpack_from(body)
+        if valid & w.FATTR_SIZE:
+            e = self.x._node_entry(nodeid)
+            if e is None:
+                raise _Failed(errno.ENOENT)
+            if size != e.size:
+                raise _Failed(errno.EPERM)  # the volume's size changes through the engine (expand) only
+        return w.ATTR_OUT_HEAD.pack(0, 0, 0) + self._attr(nodeid), 0
+
+    def _opendir(self, nodeid: int, body: memoryview) -> tuple[bytes, int]:
+        return w.OPEN_OUT.pack(0, 0, 0), 0
+
+    def _readdir(self, nodeid: int, body: memoryview) -> tuple[bytes, int]:
+        _fh, offset, size, _flags = w.READ_IN.unpack_from(body)
+        names = [(".", _NodeIds.ROOT, 4), ("..", _NodeIds.ROOT, 4)]
         with self.x._lock:
-            fh = next(self.x._fh)
-            self.x._handles[fh] = e
-            e.opens += 1
-        return fh
+            names += [(e.name, e.node, 8) for _n, e in sorted(self.x._entries.items())]
+        out = bytearray()
+        for i in range(offset, len(names)):
+            name, ino, dtype = names[i]
+            d = w.dirent(ino, i + 1, name.encode(), dtype)
+            if len(out) + len(d) > size:
+                break
+            out += d
+        return bytes(out), 0
 
-    def release(self, path: str | None, fh: int) -> int:
-        with self.x._lock:
-            e = self.x._handles.pop(fh, None)
-            if e is not None:
-                e.opens -= 1
-        return 0
+    def _statfs(self, nodeid: int, body: memoryview) -> tuple[bytes, int]:
+        return w.KSTATFS.pack(0, 0, 0, 0, 0, 4096, 255, 4096, 0), 0
 
-    def _live(self, path: str | None, fh: int) -> _Entry:
-        try:
-            e = self.x._entry(None, fh) if fh else self.x._entry(path, None)
-        except OSError as ex:
-            raise self._err(errno.EIO) from ex
-        with self.x._lock:
-            # an export removed while a handle is still open must not reach the engine any more
-            if self.x._entries.get(e.name) is not e:
-                raise self._err(errno.EIO)
+    # ------------------------------------------------------------------ files
+
+    def _live(self, nodeid: int, fh: int = 0) -> _Entry:
+        # fh is the node id (open's reply), so a successor process resolves handles it never gave out
+        e = self.x._node_entry(fh or nodeid)
+        if e is None:
+            raise _Failed(errno.EIO)  # removed while a handle is still open: must not reach the engine
         return e
 
-    # The four I/O requests are timed: the handler proper is the _-prefixed method.
+    def _open(self, nodeid: int, body: memoryview) -> tuple[bytes, int]:
+        flags, _open_flags = w.OPEN_IN.unpack_from(body)
+        e = self.x._node_entry(nodeid)
+        if e is None:
+            raise _Failed(errno.ENOENT)
+        if e.read_only and (flags & os.O_ACCMODE) != os.O_RDONLY:
+            raise _Failed(errno.EROFS)
+        with self.x._lock:
+            e.opens += 1
+        # no page cache of the export (loop adds none either); direct writes of one file may run in parallel
+        return w.OPEN_OUT.pack(e.node, w.FOPEN_DIRECT_IO | w.FOPEN_PARALLEL_DIRECT_WRITES, 0), 0
 
-    def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
-        t0 = _now()
-        try:
-            data = self._read(path, size, offset, fh)
-        except BaseException:
-            self._read_s.failed(_now() - t0)
-            raise
-        self._read_s.observe(_now() - t0, len(data))
-        return data
+    def _release(self, nodeid: int, body: memoryview) -> tuple[bytes, int]:
+        fh, _flags, _rflags = w.RELEASE_IN.unpack_from(body)
+        e = self.x._node_entry(fh or nodeid)
+        if e is not None:
+            with self.x._lock:
+                e.opens = max(0, e.opens - 1)
+        return b"", 0
 
-    def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
-        t0 = _now()
-        try:
-            n = self._write(path, data, offset, fh)
-        except BaseException:
-            self._write_s.failed(_now() - t0)
-            raise
-        self._write_s.observe(_now() - t0, n)
-        return n
-
-    def fsync(self, path: str | None, datasync: int, fh: int) -> int:
-        t0 = _now()
-        try:
-            r = self._fsync(path, datasync, fh)
-        except BaseException:
-            self._fsync_s.failed(_now() - t0)
-            raise
-        self._fsync_s.observe(_now() - t0)
-        return r
-
-    def fallocate(self, path: str | None, mode: int, offset: int, size: int, fh: int) -> int:
-        t0 = _now()
-        try:
-            r = self._fallocate(path, mode, offset, size, fh)
-        except BaseException:
-            self._fallocate_s.failed(_now() - t0)
-            raise
-        self._fallocate_s.observe(_now() - t0, size)
-        return r
-
-    def _read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
-        e = self._live(path, fh)
+    def _read(self, nodeid: int, body: memoryview) -> tuple[bytes, int]:
+        fh, offset, size, _flags = w.READ_IN.unpack_from(body)
+        e = self._live(nodeid, fh)
         if offset >= e.size:
-            return b""
+            return b"", 0
         size = min(size, e.size - offset)
         try:
-            return e.target.read(offset, size)
+            data = e.target.read(offset, size)
         except Exception as ex:
             log.error("read %s @%d+%d failed: %s", e.name, offset, size, ex)
-            raise self._err(errno.EIO) from ex
+            raise _Failed(errno.EIO) from ex
+        return data, len(data)
 
-    def _write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
-        e = self._live(path, fh)
+    def _write(self, nodeid: int, body: memoryview) -> tuple[bytes, int]:
+        fh, offset, size, _flags = w.WRITE_IN.unpack_from(body)
+        data = bytes(body[w.WRITE_IN_SIZE:w.WRITE_IN_SIZE + size])
+        e = self._live(nodeid, fh)
         if e.read_only:
-            raise self._err(errno.EROFS)
+            raise _Failed(errno.EROFS)
         if offset + len(data) > e.size:
-            raise self._err(errno.ENOSPC)
+            raise _Failed(errno.ENOSPC)
         try:
             e.target.write(offset, data)
         except Exception as ex:
             log.error("write %s @%d+%d failed: %s", e.name, offset, len(data), ex)
-            raise self._err(errno.EIO) from ex
-        return len(data)
+            raise _Failed(errno.EIO) from ex
+        return w.WRITE_OUT.pack(len(data), 0), len(data)
 
-    def _fsync(self, path: str | None, datasync: int, fh: int) -> int:
-        e = self._live(path, fh)
+    def _fsync(self, nodeid: int, body: memoryview) -> tuple[bytes, int]:
+        fh, _flags, _pad = w.FSYNC_IN.unpack_from(body)
+        e = self._live(nodeid, fh)
         try:
             e.target.flush()
         except Exception as ex:
             log.error("flush %s failed: %s", e.name, ex)
-            raise self._err(errno.EIO) from ex
-        return 0
+            raise _Failed(errno.EIO) from ex
+        return b"", 0
 
-    def flush(self, path: str | None, fh: int) -> int:
-        # close(): nothing buffered here; durability is fsync's job
-        return 0
-
-    def _fallocate(self, path: str | None, mode: int, offset: int, size: int, fh: int) -> int:
-        e = self._live(path, fh)
+    def _fallocate(self, nodeid: int, body: memoryview) -> tuple[bytes, int]:
+        fh, offset, length, mode, _pad = w.FALLOCATE_IN.unpack_from(body)
+        e = self._live(nodeid, fh)
         if e.read_only:
-            raise self._err(errno.EROFS)
+            raise _Failed(errno.EROFS)
         if mode & (_FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_ZERO_RANGE):
-            end = min(offset + size, e.size)
+            end = min(offset + length, e.size)
             if end <= offset:
-                return 0
+                return b"", length
             try:
                 # discarded ranges read back as zeros, which is what both modes promise
                 e.target.discard(offset, end - offset)
             except Exception as ex:
-                log.error("discard %s @%d+%d failed: %s", e.name, offset, size, ex)
-                raise self._err(errno.EIO) from ex
-            return 0
+                log.error("discard %s @%d+%d failed: %s", e.name, offset, length, ex)
+                raise _Failed(errno.EIO) from ex
+            return b"", length
         if mode & ~_FALLOC_FL_KEEP_SIZE == 0:
-            if offset + size > e.size and not mode & _FALLOC_FL_KEEP_SIZE:
-                raise self._err(errno.EFBIG)
-            return 0  # preallocation: the volume size is fixed, nothing to do
-        raise self._err(errno.EOPNOTSUPP)
-
-    def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
-        e = self._live(path, fh or 0)
-        if length != e.size:
-            raise self._err(errno.EPERM)
-        return 0
-
-    def statfs(self, path: str) -> dict[str, int]:
-        return dict(f_bsize=4096, f_frsize=4096, f_blocks=0, f_bfree=0, f_bavail=0, f_namemax=255)
+            if offset + length > e.size and not mode & _FALLOC_FL_KEEP_SIZE:
+                raise _Failed(errno.EFBIG)
+            return b"", length  # preallocation: the volume size is fixed, nothing to do
+        raise _Failed(errno.EOPNOTSUPP)

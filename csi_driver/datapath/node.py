@@ -98,11 +98,18 @@ class _Errors:
 class DataPath:
     """Owns the FUSE export of this node's staged volumes, their loop devices, mounts and records."""
 
-    def __init__(self, engine: Any, state_dir: str | None = None, *, export_dir: str | None = None):
-        """state_dir: where the staging records and the export live (default: the engine's state dir)."""
+    def __init__(self, engine: Any, state_dir: str | None = None, *, export_dir: str | None = None,
+                 keeper: bool = False):
+        """state_dir: where the staging records and the export live (default: the engine's state dir).
+
+        keeper: a FUSE keeper process holds the export's connection, so that a restart of this process pauses
+        the volumes' I/O instead of failing it (the node engine process; off in-process, where the data path
+        lives and dies with its caller anyway).
+        """
         self.engine = engine
         self.state_dir = os.path.abspath(state_dir if state_dir is not None else engine.state_dir)
-        self.export = FuseExport(export_dir or os.path.join(self.state_dir, "exports"))
+        self.export = FuseExport(export_dir or os.path.join(self.state_dir, "exports"),
+                                 keeper_dir=self.state_dir if keeper else None)
         self._records = _Records(os.path.join(self.state_dir, "staging.json"))
         self._lock = threading.RLock()  # records and per-volume work; node RPCs are rare and short
         self.last_freeze_window = 0.0
@@ -112,23 +119,38 @@ class DataPath:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Mount the export and re-adopt what the records say is staged."""
-        self.export.start()
+        """Re-adopt what the records say is staged, then mount the export (or take over the live connection a
+        keeper holds: the files must be known before the first request a successor reads)."""
         with self._lock:
+            adopted = []
             for rec in self._records.items.values():
                 with contextlib.suppress(errors.NotFound):
                     self.engine.get_volume(rec.volume_id)
                     self.export.add(rec.volume_id, EngineVolume(self.engine, rec.volume_id),
                                     read_only=rec.read_only)
+                    adopted.append(rec.volume_id)
+            self.export.start()
+            if self._bypass_ok():
+                self.engine.attach_bypass(self.export.bypass)
+                for vid in adopted:
+                    self.engine.bypass_volume(vid, True)
 
-    def stop(self, *, teardown: bool = False) -> None:
-        """Stop serving. teardown=True first unpublishes and unstages everything (tests, clean shutdown)."""
+    def _bypass_ok(self) -> bool:
+        """The compiled loop can serve granted grains and the engine is in this process (it can grant)."""
+        return self.export.bypass is not None and hasattr(self.engine, "attach_bypass")
+
+    def stop(self, *, teardown: bool = False, handover: bool = False) -> None:
+        """Stop serving. teardown=True first unpublishes and unstages everything (tests, clean shutdown);
+        handover=True leaves the mount and its connection to the keeper for the next process."""
         if teardown:
             with self._lock:
                 for rec in list(self._records.items.values()):
                     with contextlib.suppress(Exception):
                         self.unstage(rec.volume_id, rec.staging_path)
-        self.export.stop()
+        if self._bypass_ok():
+            with contextlib.suppress(errors.EngineClosed):
+                self.engine.attach_bypass(None)  # every grant revoked: no bypassed I/O once the engine closes
+        self.export.stop(handover=handover and bool(self._records.items))
 
     def staged(self) -> list[StageRecord]:
         with self._lock:
@@ -270,6 +292,8 @@ class DataPath:
                 f"volume {vid}: its loop device {dev} sits on a dead export (the engine process restarted); "
                 "unstage it first")
         path = self.export.add(vid, EngineVolume(self.engine, vid), read_only=rec.read_only)
+        if self._bypass_ok():
+            self.engine.bypass_volume(vid, True)
         if dev is None:
             dev = privileged.attach_loop(path, read_only=rec.read_only)
         rec.loop_device = dev
@@ -349,6 +373,9 @@ class DataPath:
                     privileged.detach_loop(dev)
         errs.raise_any()
         # only now: removing the export under a still-attached loop device would fail its I/O
+        if self._bypass_ok():
+            with contextlib.suppress(errors.NotFound, errors.EngineClosed):
+                self.engine.bypass_volume(rec.volume_id, False)
         self.export.remove(rec.volume_id)
 
     # ------------------------------------------------------------------ publish
@@ -556,8 +583,4 @@ def datapath_unavailable() -> str | None:
         return "no /dev/fuse"
     if not os.path.exists("/dev/loop-control"):
         return "no /dev/loop-control"
-    try:
-        import mfusepy  # noqa: F401
-    except (ImportError, OSError) as e:
-        return f"mfusepy/libfuse3 unavailable: {e}"
     return None

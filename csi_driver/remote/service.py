@@ -9,19 +9,22 @@ data path (mount the FUSE export, re-adopt the volumes the staging records name)
 (0600, a stale one replaced). The socket answering therefore means ready.
 
 Restarts. The CSI server can restart at will: the kernel side (loop devices, mounts) hangs off this process,
-so I/O goes on. This process cannot hand its FUSE connection to a successor, so when it stops (SIGTERM) or
-dies, I/O on staged volumes fails with EIO: nothing is acknowledged that the engine did not take. On SIGTERM
-it stops serving, flushes and closes the engine, and KEEPS staged volumes' loop devices and mounts: tearing
-them down would pull filesystems from under running pods, and kubelet still believes they are staged. The
-next engine process re-adopts the staging records: stats report the volume abnormal, unstage cleans up the
-dead loop device and mounts, and staging again (kubelet does, when the pod is recreated) builds a fresh
-loop device on the new export; the filesystem's journal replays, and flushed data is all there.
+so I/O goes on. The FUSE connection of the export is held by a FUSE keeper process too
+(csi_driver.datapath.fuse_keeper), so when this process stops (SIGTERM) or dies, the volumes' I/O waits in
+the kernel; the next engine process takes the same connection over and the kernel resends what was never
+answered: no error reaches the pods. On SIGTERM it stops serving, stops its FUSE loop (requests read are
+answered first), flushes and closes the engine. Without a keeper (CSI_FLASHCOPY_FUSE_KEEPER=0, or a kernel
+without FUSE resend) I/O on staged volumes fails with EIO instead, nothing acknowledged that the engine did not
+take; loop devices and mounts are KEPT (tearing them down would pull filesystems from under running pods), the
+next process reports them abnormal, and unstage + stage (kubelet does, when the pod is recreated) builds a
+fresh loop device on the new export; the journal replays, and flushed data is all there.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -254,7 +257,7 @@ def _open_backend(state_dir: str, stop: threading.Event) -> EmbeddedBackend:
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
     while True:
         try:
-            return EmbeddedBackend.open(state_dir, datapath=DataPath)
+            return EmbeddedBackend.open(state_dir, datapath=functools.partial(DataPath, keeper=keeper_wanted()))
         except errors.EngineLocked as e:
             if stop.is_set() or time.monotonic() > deadline:
                 raise
@@ -379,15 +382,29 @@ def _lease_keeper(args: argparse.Namespace, listen: str) -> LeaseKeeper | None:
     return keeper
 
 
+def keeper_wanted() -> bool:
+    """A FUSE keeper holds the export's connection across restarts unless CSI_FLASHCOPY_FUSE_KEEPER=0."""
+    return os.environ.get("CSI_FLASHCOPY_FUSE_KEEPER", "1") != "0"
+
+
 def _shutdown(engine: Engine, datapath: DataPath) -> int:
     code = 0
     staged = datapath.staged()
+    handover = bool(staged) and datapath.export.survives_restart
+    if handover:
+        # stop reading requests before the engine closes: the kernel keeps the rest for the next process
+        with contextlib.suppress(Exception):
+            datapath.stop(handover=True)
     try:
         engine.flush()
         engine.close()  # FUSE requests arriving from now on fail with EIO (EngineClosed)
     except Exception:
         log.exception("engine close failed")
         code = 1
+    if handover:
+        log.info("stopped; the FUSE keeper holds the staged volumes' connection for the next engine process",
+                 extra={"fields": {"exit_code": code, "staged": ",".join(r.volume_id for r in staged)}})
+        return code
     if not staged:
         datapath.stop()
         log.info("stopped", extra={"fields": {"exit_code": code}})
