@@ -11,7 +11,13 @@ WORKDIR /src
 # Only what the wheel is built from (the gRPC stubs are committed under csi_driver/proto_gen).
 COPY pyproject.toml README.md ./
 COPY csi_driver ./csi_driver
-RUN pip wheel --wheel-dir /wheels .
+# a C compiler for the data path's FUSE loop (csi_driver/datapath/_fuseloop.c); the wheel must carry it, so the
+# build checks that it was really compiled (the extension is optional for source installs only)
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+RUN pip wheel --wheel-dir /wheels . \
+ && python -c "import sys, zipfile, glob; w = glob.glob('/wheels/csi_flashcopy-*.whl')[0]; sys.exit(0 if any('_fuseloop' in n for n in zipfile.ZipFile(w).namelist()) else 'the FUSE loop extension was not built')"
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="csi-flashcopy" \
@@ -21,9 +27,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # Host tools of the node data path:
 #   e2fsprogs, xfsprogs   mkfs.ext4/mkfs.xfs, resize2fs/xfs_growfs
 #   util-linux, mount     losetup, blkid, fsfreeze, mount/umount
-#   fuse3, libfuse3-3     fusermount3 and the libfuse3 the engine's FUSE exports load (mfusepy, via ctypes)
+#   (FUSE needs no package: the engine speaks the kernel protocol on /dev/fuse itself)
 RUN apt-get update \
- && apt-get install -y --no-install-recommends e2fsprogs xfsprogs util-linux mount fuse3 libfuse3-3 \
+ && apt-get install -y --no-install-recommends e2fsprogs xfsprogs util-linux mount \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /wheels /wheels
 RUN pip install --no-index --find-links=/wheels csi-flashcopy && rm -rf /wheels

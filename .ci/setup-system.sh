@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages the driver and its tests use. Idempotent; skips apt when everything is present.
 set -euo pipefail
-pkgs=(fuse3 libfuse3-dev pkg-config e2fsprogs xfsprogs util-linux fio xz-utils openssl curl bc)
+pkgs=(gcc libc6-dev fuse3 e2fsprogs xfsprogs util-linux fio xz-utils openssl curl bc)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -19,7 +19,7 @@ def _why_no_kernel() -> str | None:
     # what the driver itself checks before it runs the data path, plus the host tools the tests drive
     why = datapath_unavailable()
     if why:
-        return f"the kernel data path cannot run here: {why} (needs root, /dev/fuse, loop devices, libfuse3)"
+        return f"the kernel data path cannot run here: {why} (needs root, /dev/fuse, loop devices)"
     for tool in ("losetup", "mkfs.ext4", "mkfs.xfs", "blkid", "mount", "resize2fs", "xfs_growfs"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed"

@@ -246,3 +246,53 @@ def test_device_io_through_the_fast_path_matches_a_model() -> None:
     run.settings = settings(max_examples=12, stateful_step_count=25, deadline=None,
                             suppress_health_check=[HealthCheck.too_slow])
     run().runTest()
+
+
+@needs_kernel
+@pytest.mark.root
+def test_the_python_loop_serves_an_export_without_the_extension(tmp_path: object) -> None:
+    """What a machine without a C compiler runs: the same handler, no fast path, no grants offered."""
+    from csi_driver.datapath.fuse_export import FuseExport
+
+    class Mem:
+        def __init__(self, n: int) -> None:
+            self.buf = bytearray(n)
+
+        @property
+        def size(self) -> int:
+            return len(self.buf)
+
+        def read(self, offset: int, length: int) -> bytes:
+            return bytes(self.buf[offset:offset + length])
+
+        def write(self, offset: int, data: bytes) -> None:
+            self.buf[offset:offset + len(data)] = data
+
+        def flush(self) -> None:
+            pass
+
+        def discard(self, offset: int, length: int) -> None:
+            self.buf[offset:offset + length] = bytes(length)
+
+    x = FuseExport(os.path.join(str(tmp_path), "mnt"), fast=False)
+    assert x.bypass is None
+    x.start()
+    try:
+        assert isinstance(x._loop, fuse_session.PyLoop)
+        mem = Mem(MiB)
+        path = x.add("v", mem)
+        assert os.listdir(x.mount_point) == ["v"] and os.stat(path).st_size == MiB
+        fd = os.open(path, os.O_RDWR)
+        try:
+            assert os.pwrite(fd, b"abc" * 1000, 8192) == 3000
+            os.fsync(fd)
+            assert os.pread(fd, 3000, 8192) == b"abc" * 1000 == mem.buf[8192:11192]
+            with pytest.raises(OSError):
+                os.ftruncate(fd, 10)  # the size changes through the engine only
+        finally:
+            os.close(fd)
+        snap = x.stats.snapshot()
+        assert snap["write"].count == 1 and snap["read"].count == 1 and snap["fsync"].count == 1
+    finally:
+        x.stop()
+    assert fuse_session.mount_dev(x.mount_point) is None
