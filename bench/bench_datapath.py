@@ -1,6 +1,13 @@
 """Node data path benchmark: the full path vs a physical reference, measured in the same run.
 
-    python -m bench.bench_datapath [--size-mib 2048] [--dir /var/tmp] [--trials 3] [--json out.json]
+    python -m bench.bench_datapath [--size-mib 2048] [--rand-mib 64] [--trials 3] [--dir /var/tmp]
+                                   [--quick] [--busy | --both] [--json out.json]
+
+--quick: a smoke run (256 MiB device, 16 MiB random runs, 1 trial; explicit options win). --busy: only the busy
+variant, os.cpu_count() CPU burner processes (busy loops at normal priority) keeping every core busy through
+every measure, both sides; --both: the idle rows, then the busy rows; default: idle only. The table header says
+which ran. The burners are killed at the end like every other resource (also on an error or SIGTERM), and end by
+themselves if the bench dies.
 
 Needs root, /dev/fuse, loop devices and mfusepy. The two devices compared, same size, same filesystem:
 
@@ -18,6 +25,16 @@ block is allocated by the host filesystem on first write) and into already-writt
 file again, the steady state of a volume in use). Reads are measured warm (whatever the page cache holds after
 writing: the engine's data files are buffered, the reference bypasses the cache) and cold (the engine's data
 file evicted first with POSIX_FADV_DONTNEED).
+
+Every fio row also reports µs CPU per I/O: the user+system CPU seconds of the bench process itself
+(getrusage(RUSAGE_SELF): the engine and the FUSE server threads; fio and the burners are children and are not
+counted), sampled just before fio starts and after the flush that follows it, divided by the I/Os fio completed
+(total_ios). The reference's column is the sanity check: the kernel does its work, so it is ~0 (the bench's own
+overhead of starting fio, plus any engine background work overlapping the job).
+
+Targets (ratio to the reference): random 4 KiB read QD16 >= 60 %, random 4 KiB write QD16 (+ flush) >= 40 %,
+sequential 1 MiB read (warm and cold) >= 80 %, sequential 1 MiB write into already-written space >= 80 % (fresh
+space is reported); the "met" column marks each row.
 
 The freeze window (time from the first FIFREEZE to the last thaw, measured inside DataPath's quiesce hook)
 is taken for one mounted ext4 volume and for a 3-volume group snapshot, each filesystem holding 32 MiB of dirty
@@ -37,9 +54,11 @@ import json
 import mmap
 import os
 import random
+import resource
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -69,6 +88,9 @@ class Run:
     nbytes: int
     ios: int
     seconds: float
+    #: user+system CPU seconds of this process (engine + FUSE threads) across the run and its flush; None when
+    #: the driver itself runs in this process (PyDirect) and cannot be told apart from the engine
+    cpu: float | None = None
 
     @property
     def mib_s(self) -> float:
@@ -77,6 +99,19 @@ class Run:
     @property
     def iops(self) -> float:
         return self.ios / self.seconds
+
+    @property
+    def cpu_us_per_io(self) -> float | None:
+        return None if self.cpu is None or not self.ios else self.cpu / self.ios * 1e6
+
+
+def self_cpu() -> float:
+    """User+system CPU seconds of this process, all its threads; children (fio, the burners) are not in it.
+
+    getrusage(RUSAGE_SELF) rather than os.times(): the same fields at microsecond resolution instead of clock ticks
+    (10 ms would be 39 µs per I/O on a 256-request run)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 def flush_device(dev: str) -> float:
@@ -97,15 +132,19 @@ class Fio:
         argv = ["fio", "--name=bench", f"--filename={dev}", f"--rw={rw}", f"--bs={bs}", f"--size={size}",
                 f"--io_size={io_bytes}", "--direct=1", "--ioengine=libaio", f"--iodepth={qd}",
                 "--randrepeat=1", "--norandommap", "--group_reporting", "--output-format=json"]
+        cpu0 = self_cpu()
         out = privileged.run(argv, timeout=600).stdout
+        seconds = 0.0
+        if "write" in rw:
+            seconds += flush_device(dev)
+        cpu = self_cpu() - cpu0
         job = json.loads(out[out.index("{"):])["jobs"][0]
         side = job["write"] if "write" in rw else job["read"]
         if job.get("error"):
             raise RuntimeError(f"fio {rw} on {dev}: error {job['error']}")
-        seconds = side["runtime"] / 1000.0
-        if "write" in rw:
-            seconds += flush_device(dev)
-        return Run(side["io_bytes"], side["total_ios"], seconds)
+        seconds += side["runtime"] / 1000.0
+        ios = side.get("total_ios") or side["io_bytes"] // bs
+        return Run(side["io_bytes"], ios, seconds, cpu)
 
 
 class PyDirect:
@@ -263,6 +302,45 @@ def sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+#: a burner: a busy loop at normal priority that also ends by itself when the bench dies (its parent changes),
+#: in case the bench is killed by a signal no cleanup can catch
+BURN = "import os\np = os.getppid()\nwhile os.getppid() == p:\n    for _ in range(1000000):\n        pass\n"
+
+
+class Burners:
+    """os.cpu_count() busy-loop processes keeping every core busy; killed by close() (a Resources undo step)."""
+
+    def __init__(self, res: Resources, n: int):
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.started = time.monotonic()
+        res.add(self.close)
+        for _ in range(n):
+            self.procs.append(subprocess.Popen([sys.executable, "-c", BURN], stdin=subprocess.DEVNULL,
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(0.5)  # let them get going before the first job
+        dead = [p.pid for p in self.procs if p.poll() is not None]
+        if dead:
+            raise RuntimeError(f"CPU burners {dead} exited at once")
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds the burners used so far (utime + stime from /proc)."""
+        total = 0
+        for p in self.procs:
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                with open(f"/proc/{p.pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
+
+    def close(self) -> None:
+        for p in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+        for p in self.procs:
+            p.wait()
+        self.procs.clear()
+
+
 # ---------------------------------------------------------------------------------------------- measures
 
 
@@ -291,13 +369,13 @@ def check_dio(devs: list[str], notes: list[str]) -> None:
 
 
 def io_measures(base: str, res: Resources, fp: FullPath, size: int, trials: int, io: Fio | PyDirect,
-                rand_bytes: int, notes: list[str]) -> dict[str, list[Pair]]:
+                rand_bytes: int, notes: list[str], prefix: str = "") -> dict[str, list[Pair]]:
     out: dict[str, list[Pair]] = {k: [] for k in (
         "write_fresh", "write_written", "read_warm", "read_cold", "randread", "randwrite")}
     for i in range(trials):
         ref = RefDevice(res, os.path.join(base, f"ref{i}.img"), size)
         staging = os.path.join(base, "stage", f"blk{i}")
-        vid, dev = fp.stage(f"blk{i}", size, staging, block=True)
+        vid, dev = fp.stage(f"{prefix}blk{i}", size, staging, block=True)
         check_dio([ref.dev, dev], notes)
 
         def seq(d: str, rw: str) -> Callable[[], Run]:
@@ -334,8 +412,11 @@ def dirty(mount_point: str, tag: str) -> None:
             f.write(chunk)
 
 
-def freeze_measures(base: str, res: Resources, fp: FullPath) -> dict[str, list[tuple[float, float]]]:
-    """(reference freeze+thaw, full-path freeze window in the quiesce hook) per round, single and group."""
+def freeze_measures(base: str, res: Resources, fp: FullPath, prefix: str = "") -> dict[str, list[tuple[float, float]]]:
+    """(reference freeze+thaw, full-path freeze window in the quiesce hook) per round, single and group.
+
+    prefix: for the engine's names (volumes, snapshots, groups: a group outlives its deleted snapshots), unique
+    per call on one engine."""
     refs = []
     for k in range(3):
         r = RefDevice(res, os.path.join(base, f"fref{k}.img"), FREEZE_VOL)
@@ -344,13 +425,13 @@ def freeze_measures(base: str, res: Resources, fp: FullPath) -> dict[str, list[t
     vols = []
     for k in range(3):
         staging = os.path.join(base, "stage", f"fs{k}")
-        vid, _dev = fp.stage(f"fs{k}", FREEZE_VOL, staging, block=False)
+        vid, _dev = fp.stage(f"{prefix}fs{k}", FREEZE_VOL, staging, block=False)
         vols.append((vid, staging))
     out: dict[str, list[tuple[float, float]]] = {"single": [], "group": [], "single_hold": [], "group_hold": []}
     eng, dp = fp.engine, fp.dp
     for rnd in range(FREEZE_ROUNDS):
         for kind, n in (("single", 1), ("group", 3)):
-            def ref_side(n: int = n, tag: str = f"{kind}{rnd}") -> float:
+            def ref_side(n: int = n, tag: str = f"{prefix}{kind}{rnd}") -> float:
                 for r in refs[:n]:
                     dirty(r.mount_point, tag)
                 t = time.monotonic()
@@ -358,7 +439,7 @@ def freeze_measures(base: str, res: Resources, fp: FullPath) -> dict[str, list[t
                     pass
                 return time.monotonic() - t
 
-            def full_side(n: int = n, tag: str = f"{kind}{rnd}", kind: str = kind) -> float:
+            def full_side(n: int = n, tag: str = f"{prefix}{kind}{rnd}", kind: str = kind) -> float:
                 for _vid, staging in vols[:n]:
                     dirty(staging, tag)
                 if n == 1:
@@ -392,7 +473,64 @@ def freeze_measures(base: str, res: Resources, fp: FullPath) -> dict[str, list[t
 # ---------------------------------------------------------------------------------------------- report
 
 
-def run(base_dir: str, size: int, trials: int, rand_bytes: int) -> tuple[list[tuple[str, ...]], str, list[str]]:
+COLUMNS = ("measure", "load", "full path", "reference (loop dio on a plain file)", "ratio",
+           "µs CPU per I/O, full path", "µs CPU per I/O, reference", "target", "met")
+
+
+def cpu_col(r: Run) -> str:
+    us = r.cpu_us_per_io
+    return "n/a" if us is None else f"{us:.1f} µs" if us >= 10 else f"{us:.2f} µs"
+
+
+def met(ratio: float, target: float | None) -> str:
+    return "–" if target is None else ("yes" if ratio >= target else "**MISS**")
+
+
+def target_col(target: float | None) -> str:
+    return "reported" if target is None else f"≥ {target:.0%}"
+
+
+def variant_rows(work: str, res: Resources, fp: FullPath, io: Fio | PyDirect, size: int, trials: int,
+                 rand_bytes: int, load: str, notes: list[str], prefix: str) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
+    m = io_measures(work, res, fp, size, trials, io, rand_bytes, notes, prefix)
+
+    def bw(key: str, label: str, target: float | None) -> None:
+        ref, full = median_pair(m[key], higher_is_better=lambda r: r.mib_s)
+        ratio = full.mib_s / ref.mib_s
+        rows.append((label, load, f"{full.mib_s:.0f} MiB/s", f"{ref.mib_s:.0f} MiB/s", f"{ratio:.0%}",
+                     cpu_col(full), cpu_col(ref), target_col(target), met(ratio, target)))
+
+    def iops(key: str, label: str, target: float | None) -> None:
+        ref, full = median_pair(m[key], higher_is_better=lambda r: r.iops)
+        ratio = full.iops / ref.iops
+        rows.append((label, load, f"{full.iops:.0f} IOPS", f"{ref.iops:.0f} IOPS", f"{ratio:.0%}",
+                     cpu_col(full), cpu_col(ref), target_col(target), met(ratio, target)))
+
+    bw("write_written", f"seq write 1 MiB QD{SEQ_QD}, already-written space (+ flush)", 0.80)
+    bw("write_fresh", f"seq write 1 MiB QD{SEQ_QD}, freshly allocated space (+ flush)", None)
+    bw("read_warm", f"seq read 1 MiB QD{SEQ_QD}, warm (after writing)", 0.80)
+    bw("read_cold", f"seq read 1 MiB QD{SEQ_QD}, cold (engine file evicted)", 0.80)
+    iops("randread", f"random read 4 KiB QD{RAND_QD}", 0.60)
+    iops("randwrite", f"random write 4 KiB QD{RAND_QD} (+ flush)", 0.40)
+
+    fz = freeze_measures(work, res, fp, prefix)
+    for kind, label in (("single", "freeze window, 1 mounted ext4"),
+                        ("group", "freeze window, 3-volume group snapshot")):
+        full_ms = [f * 1e3 for _r, f in fz[kind]]
+        ref_ms = [r * 1e3 for r, _f in fz[kind]]
+        hold = statistics.median(h for _z, h in fz[f"{kind}_hold"]) * 1e3
+        rows.append((label, load, f"p50 {statistics.median(full_ms):.0f} ms, max {max(full_ms):.0f} ms "
+                                  f"(engine start {hold:.1f} ms)",
+                     f"p50 {statistics.median(ref_ms):.0f} ms, max {max(ref_ms):.0f} ms",
+                     f"{statistics.median(full_ms) / statistics.median(ref_ms):.1f}×", "–", "–",
+                     "bounded (10 s watchdog)", "yes" if max(full_ms) < 10_000 else "**MISS**"))
+    return rows
+
+
+def run(base_dir: str, size: int, trials: int, rand_bytes: int, loads: tuple[str, ...]
+        ) -> tuple[list[tuple[str, ...]], str, list[str]]:
+    """loads: "idle" and/or "busy" (os.cpu_count() burners running through every measure, both sides)."""
     io = driver()
     work = tempfile.mkdtemp(dir=base_dir, prefix="fc-dp-bench-")
     res = Resources(work)
@@ -401,65 +539,72 @@ def run(base_dir: str, size: int, trials: int, rand_bytes: int) -> tuple[list[tu
     try:
         with sigterm_raises():
             fp = FullPath(res, os.path.join(work, "state"))
-            m = io_measures(work, res, fp, size, trials, io, rand_bytes, notes)
-
-            def bw(key: str, label: str, target: str) -> None:
-                ref, full = median_pair(m[key], higher_is_better=lambda r: r.mib_s)
-                rows.append((label, f"{full.mib_s:.0f} MiB/s", f"{ref.mib_s:.0f} MiB/s",
-                             f"{full.mib_s / ref.mib_s:.0%}", target))
-
-            def iops(key: str, label: str) -> None:
-                ref, full = median_pair(m[key], higher_is_better=lambda r: r.iops)
-                rows.append((label, f"{full.iops:.0f} IOPS", f"{ref.iops:.0f} IOPS",
-                             f"{full.iops / ref.iops:.0%}", "reported"))
-
-            bw("write_written", "seq write 1 MiB, already-written space (+ flush)", "≥ 50%")
-            bw("write_fresh", "seq write 1 MiB, freshly allocated space (+ flush)", "reported")
-            bw("read_warm", "seq read 1 MiB, warm (after writing)", "≥ 50%")
-            bw("read_cold", "seq read 1 MiB, cold (engine file evicted)", "≥ 50%")
-            iops("randread", "random read 4 KiB")
-            iops("randwrite", "random write 4 KiB (+ flush)")
-
-            fz = freeze_measures(work, res, fp)
-            for kind, label in (("single", "freeze window, 1 mounted ext4"),
-                                ("group", "freeze window, 3-volume group snapshot")):
-                full_ms = [f * 1e3 for _r, f in fz[kind]]
-                ref_ms = [r * 1e3 for r, _f in fz[kind]]
-                hold = statistics.median(h for _z, h in fz[f"{kind}_hold"]) * 1e3
-                rows.append((label, f"p50 {statistics.median(full_ms):.0f} ms, max {max(full_ms):.0f} ms "
-                                    f"(engine start {hold:.1f} ms)",
-                             f"p50 {statistics.median(ref_ms):.0f} ms, max {max(ref_ms):.0f} ms",
-                             f"{statistics.median(full_ms) / statistics.median(ref_ms):.1f}×",
-                             "bounded (10 s watchdog)"))
+            for k, load in enumerate(loads):
+                vwork = os.path.join(work, f"v{k}")
+                os.makedirs(vwork)
+                if load == "busy":
+                    n = os.cpu_count() or 1
+                    burners = Burners(res, n)
+                    vrows = variant_rows(vwork, res, fp, io, size, trials, rand_bytes, f"busy ({n} burners)",
+                                         notes, f"v{k}-")
+                    used, wall = burners.cpu_seconds(), time.monotonic() - burners.started
+                    burners.close()
+                    res.undo.remove(burners.close)
+                    notes.append(f"busy: {n} burners used {used:.0f} CPU-s in {wall:.0f} s "
+                                 f"({used / wall:.1f} of {n} cores)")
+                else:
+                    vrows = variant_rows(vwork, res, fp, io, size, trials, rand_bytes, "idle", notes, f"v{k}-")
+                rows.extend(vrows)
     finally:
         res.close()
         shutil.rmtree(work, ignore_errors=True)
     return rows, io.name, sorted(set(notes))
 
 
+QUICK = {"size_mib": 256, "trials": 1, "rand_mib": 16}
+DEFAULTS = {"size_mib": 2048, "trials": 3, "rand_mib": 64}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size-mib", type=int, default=2048, help="device size = bytes per sequential run")
-    ap.add_argument("--rand-mib", type=int, default=64, help="bytes per random 4 KiB run")
-    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--size-mib", type=int, help="device size = bytes per sequential run (default 2048)")
+    ap.add_argument("--rand-mib", type=int, help="bytes per random 4 KiB run (default 64)")
+    ap.add_argument("--trials", type=int, help="default 3")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"smoke run: defaults become {QUICK} (explicit options still win)")
+    load = ap.add_mutually_exclusive_group()
+    load.add_argument("--busy", action="store_true",
+                      help="only the busy variant: os.cpu_count() CPU burners keep every core busy")
+    load.add_argument("--both", action="store_true", help="the idle rows, then the busy rows")
     ap.add_argument("--dir", default=os.environ.get("BENCH_DIR", "/var/tmp"))
     ap.add_argument("--json")
     a = ap.parse_args()
+    for k, v in (QUICK if a.quick else DEFAULTS).items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    loads = ("idle", "busy") if a.both else ("busy",) if a.busy else ("idle",)
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         sys.exit("bench_datapath needs root and /dev/fuse (loop devices, FUSE, mount)")
     t = time.monotonic()
-    rows, tool, notes = run(a.dir, a.size_mib * MiB, a.trials, a.rand_mib * MiB)
-    print(f"| measure ({a.size_mib} MiB device, {tool}, median of {a.trials}) | full path | reference "
-          "(loop dio on a plain file) | ratio | target |")
-    print("|---|---|---|---|---|")
+    rows, tool, notes = run(a.dir, a.size_mib * MiB, a.trials, a.rand_mib * MiB, loads)
+    ncpu = os.cpu_count() or 1
+    ran = " and ".join("idle" if x == "idle" else f"busy ({ncpu} CPU burners)" for x in loads)
+    header = (f"{COLUMNS[0]} ({a.size_mib} MiB device, {tool}, median of {a.trials}; ran: {ran})",
+              *COLUMNS[1:])
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
     for r in rows:
         print("| " + " | ".join(r) + " |")
+    print("\nµs CPU per I/O: user+system CPU seconds of the bench process (engine + FUSE server threads; fio and "
+          "the burners are children, not counted) from just before fio starts to after the flush, divided by "
+          "the I/Os fio completed. On the reference side the kernel does the work, so it shows the bench's own "
+          "overhead (starting fio, parsing its output) plus any engine background work overlapping the job.")
     for n in notes:
         print(f"\n{n}")
     print(f"\n({time.monotonic() - t:.0f} s)")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"header": header, "ran": list(loads), "rows": rows, "notes": notes}, f, indent=1)
 
 
 if __name__ == "__main__":
