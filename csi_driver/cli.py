@@ -180,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="host:port for Prometheus metrics (/metrics, /healthz) of this engine, empty = off "
         "(env CSI_METRICS_ADDRESS)",
     )
+    engine.add_argument(
+        "--fuse-keeper",
+        choices=("auto", "external", "off"),
+        default=_env("CSI_FLASHCOPY_FUSE_KEEPER", "auto"),
+        help="who holds the FUSE connection across engine restarts (env CSI_FLASHCOPY_FUSE_KEEPER): auto = a "
+        "keeper process this engine starts when none answers; external = the one beside it (the chart's "
+        "fuse-keeper container), waited for; off = none, a restart fails the volumes' I/O",
+    )
 
     certs = sub.add_parser("certs", help="write a CA and the engine certificate (ca.crt, tls.crt, tls.key) to a "
                            "directory, for installs without the chart's or cert-manager's Secret")
@@ -188,9 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     keeper = sub.add_parser("fuse-keeper", help="hold /dev/fuse descriptors while the node engine process "
                             "restarts, so its FUSE mounts stay up")
-    keeper.add_argument("--socket", required=True, help="unix socket to serve on (created 0600)")
+    _add_common(keeper)
+    keeper.add_argument("--socket", default="",
+                        help="unix socket to serve on, created 0600 (default <state-dir>/fuse-keeper.sock, where "
+                             "the engine looks)")
     keeper.add_argument("--idle-exit", type=float, default=30.0,
-                        help="exit after holding nothing for this many seconds (default 30)")
+                        help="exit after holding nothing for this many seconds (default 30; 0: never)")
 
     demo = sub.add_parser("demo", help="a short engine tour on a local state directory")
     demo.add_argument("--state-dir", default=_env("CSI_FLASHCOPY_STATE_DIR", "./state"))
@@ -221,9 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from csi_driver.datapath import fuse_keeper
         from csi_driver.logs import configure_logging
 
-        configure_logging()
+        configure_logging(args.log_format, args.log_level)
         try:
-            fuse_keeper.serve(args.socket, idle_exit=args.idle_exit)
+            fuse_keeper.serve(args.socket or fuse_keeper.socket_path(args.state_dir), idle_exit=args.idle_exit)
         except RuntimeError as e:
             print(f"csi-flashcopy fuse-keeper: {e}", file=sys.stderr)
             return 1

@@ -243,15 +243,17 @@ class FuseExport:
     engine restart), else removes a dead mount left by a crashed predecessor first; `stop()` unmounts, or with
     handover=True leaves the connection to the keeper. Files are added and removed while mounted.
     `runner` runs the umount commands (None: the real one). keeper_dir: the state directory whose FUSE keeper
-    holds the connection across restarts (None: none; the connection dies with this process).
+    holds the connection across restarts (None: none; the connection dies with this process); keeper_external:
+    that keeper is started by someone else (waited for), else one is started when none answers.
     """
 
     def __init__(self, mount_point: str, *, fsname: str = "flashcopy", runner: privileged.Runner | None = None,
-                 keeper_dir: str | None = None, fast: bool = True, threads: int = 8):
+                 keeper_dir: str | None = None, keeper_external: bool = False, fast: bool = True, threads: int = 8):
         self.mount_point = os.path.abspath(mount_point)
         self.fsname = fsname
         self.runner = runner
         self.keeper_dir = keeper_dir
+        self.keeper_external = keeper_external
         self.fast = fast and fuse_session.FAST
         self.threads = threads
         self._entries: dict[str, _Entry] = {}
@@ -310,7 +312,16 @@ class FuseExport:
 
         assert self.keeper_dir is not None
         try:
-            fuse_keeper.ensure_keeper(self.keeper_dir)
+            if self.keeper_external:
+                # the keeper is a container of its own (the chart): wait for it, never start a second one
+                client = self._keeper()
+                deadline = time.monotonic() + 30.0
+                while client.ping() is None:
+                    if time.monotonic() > deadline:
+                        raise fuse_keeper.KeeperUnavailable("the FUSE keeper container does not answer")
+                    time.sleep(0.2)
+            else:
+                fuse_keeper.ensure_keeper(self.keeper_dir)
             self._keeper().put(self.mount_point, self._fd,
                                {"dev": fuse_session.mount_dev(self.mount_point), "init": self.init})
         except (fuse_keeper.KeeperError, OSError, RuntimeError) as e:

@@ -148,7 +148,7 @@ class _Keeper:
                                                                    "closing": len(self.held)}})
                 return
             now = time.monotonic()
-            if self.held:
+            if self.held or self.idle_exit <= 0:  # 0: never (a container of its own, restarted if it ends)
                 timeout: float | None = None
             else:
                 left = self.idle_since + self.idle_exit - now

@@ -99,17 +99,18 @@ class DataPath:
     """Owns the FUSE export of this node's staged volumes, their loop devices, mounts and records."""
 
     def __init__(self, engine: Any, state_dir: str | None = None, *, export_dir: str | None = None,
-                 keeper: bool = False):
+                 keeper: str = "off"):
         """state_dir: where the staging records and the export live (default: the engine's state dir).
 
-        keeper: a FUSE keeper process holds the export's connection, so that a restart of this process pauses
-        the volumes' I/O instead of failing it (the node engine process; off in-process, where the data path
-        lives and dies with its caller anyway).
+        keeper: who holds the export's connection so that a restart of this process pauses the volumes' I/O
+        instead of failing it: "auto" (a keeper process started when none answers), "external" (one beside
+        us, waited for), "off" (none: in-process, where the data path lives and dies with its caller anyway).
         """
         self.engine = engine
         self.state_dir = os.path.abspath(state_dir if state_dir is not None else engine.state_dir)
         self.export = FuseExport(export_dir or os.path.join(self.state_dir, "exports"),
-                                 keeper_dir=self.state_dir if keeper else None)
+                                 keeper_dir=None if keeper == "off" else self.state_dir,
+                                 keeper_external=keeper == "external")
         self._records = _Records(os.path.join(self.state_dir, "staging.json"))
         self._lock = threading.RLock()  # records and per-volume work; node RPCs are rare and short
         self.last_freeze_window = 0.0

@@ -13,7 +13,7 @@ so I/O goes on. The FUSE connection of the export is held by a FUSE keeper proce
 (csi_driver.datapath.fuse_keeper), so when this process stops (SIGTERM) or dies, the volumes' I/O waits in
 the kernel; the next engine process takes the same connection over and the kernel resends what was never
 answered: no error reaches the pods. On SIGTERM it stops serving, stops its FUSE loop (requests read are
-answered first), flushes and closes the engine. Without a keeper (CSI_FLASHCOPY_FUSE_KEEPER=0, or a kernel
+answered first), flushes and closes the engine. Without a keeper (--fuse-keeper=off, or a kernel
 without FUSE resend) I/O on staged volumes fails with EIO instead, nothing acknowledged that the engine did not
 take; loop devices and mounts are KEPT (tearing them down would pull filesystems from under running pods), the
 next process reports them abnormal, and unstage + stage (kubelet does, when the pod is recreated) builds a
@@ -253,11 +253,11 @@ def _signals(stop: threading.Event) -> Iterator[None]:
             signal.signal(s, h)
 
 
-def _open_backend(state_dir: str, stop: threading.Event) -> EmbeddedBackend:
+def _open_backend(state_dir: str, stop: threading.Event, keeper: str) -> EmbeddedBackend:
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
     while True:
         try:
-            return EmbeddedBackend.open(state_dir, datapath=functools.partial(DataPath, keeper=keeper_wanted()))
+            return EmbeddedBackend.open(state_dir, datapath=functools.partial(DataPath, keeper=keeper))
         except errors.EngineLocked as e:
             if stop.is_set() or time.monotonic() > deadline:
                 raise
@@ -300,7 +300,7 @@ def run_engine(args: argparse.Namespace) -> int:
     # (an early return below leaves the metrics thread to the process's exit: it is a daemon)
     with _signals(stop):
         try:
-            backend = _open_backend(state_dir, stop)
+            backend = _open_backend(state_dir, stop, getattr(args, "fuse_keeper", "auto"))
         except errors.EngineLocked as e:
             log.error("another engine process holds the state dir", extra={"fields": {"error": str(e)}})
             return 1
@@ -380,11 +380,6 @@ def _lease_keeper(args: argparse.Namespace, listen: str) -> LeaseKeeper | None:
     log.info("keeping the engine Lease", extra={"fields": {"lease": f"{namespace}/{args.node_id}",
                                                            "address": address}})
     return keeper
-
-
-def keeper_wanted() -> bool:
-    """A FUSE keeper holds the export's connection across restarts unless CSI_FLASHCOPY_FUSE_KEEPER=0."""
-    return os.environ.get("CSI_FLASHCOPY_FUSE_KEEPER", "1") != "0"
 
 
 def _shutdown(engine: Engine, datapath: DataPath) -> int:

@@ -64,7 +64,7 @@ class EngineProc:
 
     def start(self, wait: bool = True) -> EngineProc:
         self.state.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, PYTHONPATH=str(REPO), CSI_FLASHCOPY_FUSE_KEEPER="1" if self.keeper else "0")
+        env = dict(os.environ, PYTHONPATH=str(REPO), CSI_FLASHCOPY_FUSE_KEEPER="auto" if self.keeper else "off")
         with open(self.root / "engine.log", "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "csi_driver", "engine", "--state-dir", str(self.state),

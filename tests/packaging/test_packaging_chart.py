@@ -81,13 +81,13 @@ def test_single_node_render(renders: dict[str, list[pm.Obj]]) -> None:
     (ds,) = pm.of_kind(objs, "DaemonSet")
     spec = ds["spec"]["template"]["spec"]
     names = [c["name"] for c in spec["containers"]]
-    assert names == ["csi-flashcopy", "engine", "node-driver-registrar", "liveness-probe",
+    assert names == ["csi-flashcopy", "engine", "fuse-keeper", "node-driver-registrar", "liveness-probe",
                      "csi-provisioner", "csi-snapshotter", "csi-resizer"]
     assert spec["containers"][0]["args"][:2] == ["serve", "--mode=all"]
     # the all-in-one pod: the engine on its unix socket only, no TLS, no Leases, no capacity tracking
     (engine,) = [c for c in spec["containers"] if c["name"] == "engine"]
     assert engine["args"] == ["engine", "--state-dir=/var/lib/csi-flashcopy",
-                              "--endpoint=unix:///var/lib/csi-flashcopy/engine.sock",
+                              "--endpoint=unix:///var/lib/csi-flashcopy/engine.sock", "--fuse-keeper=external",
                               "--log-format=text", "--log-level=info"]
     assert "ports" not in engine and "env" not in engine
     assert "engine-tls" not in {v["name"] for v in spec["volumes"]}
@@ -104,7 +104,7 @@ def test_multi_node_render(renders: dict[str, list[pm.Obj]]) -> None:
     (dep,) = pm.of_kind(objs, "Deployment")
     node_spec, ctl_spec = ds["spec"]["template"]["spec"], dep["spec"]["template"]["spec"]
     assert [c["name"] for c in node_spec["containers"]] == [
-        "csi-flashcopy", "engine", "node-driver-registrar", "liveness-probe"]
+        "csi-flashcopy", "engine", "fuse-keeper", "node-driver-registrar", "liveness-probe"]
     assert node_spec["containers"][0]["args"][:2] == ["serve", "--mode=node"]
     # the engine keeps its Lease through the API server
     assert node_spec["automountServiceAccountToken"] is True

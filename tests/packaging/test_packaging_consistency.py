@@ -89,6 +89,10 @@ def test_csi_flashcopy_args_parse_with_the_cli(renders: dict[str, list[pm.Obj]],
             seen.add((ns.command, getattr(ns, "mode", "")))
             assert ns.log_format == values["logFormat"] and ns.log_level == values["logLevel"]
             assert ns.state_dir == values["stateDir"] or ns.command == "serve" and ns.mode == "controller"
+            if ns.command == "fuse-keeper":
+                # beside the engine's container, on the socket the engine looks for in the shared state dir
+                assert not ns.socket and ns.idle_exit == 0
+                continue
             tls_dir = "/etc/flashcopy/tls" if multi else ""
             listen = f"10.244.1.7:{values['engine']['port']}" if multi else ""
             if ns.command == "serve":
@@ -119,7 +123,7 @@ def test_csi_flashcopy_args_parse_with_the_cli(renders: dict[str, list[pm.Obj]],
             want = {"POD_IP": "status.podIP", "NODE_NAME": "spec.nodeName", "POD_NAMESPACE": "metadata.namespace"}
             for var, e in env.items():
                 assert e["valueFrom"]["fieldRef"]["fieldPath"] == want[var], f"{name}: {var}"
-    assert seen == {("serve", "all"), ("serve", "node"), ("serve", "controller"), ("engine", "")}
+    assert seen == {("serve", "all"), ("serve", "node"), ("serve", "controller"), ("engine", ""), ("fuse-keeper", "")}
 
 
 def test_one_driver_name_everywhere(renders: dict[str, list[pm.Obj]], kustomized: dict[str, list[pm.Obj]]) -> None:
@@ -160,6 +164,11 @@ def test_sockets_and_paths_meet(renders: dict[str, list[pm.Obj]], kustomized: di
                 addr = pm.flag_value(args, "--csi-address")
                 if addr is not None:
                     assert addr == SOCKET and "socket-dir" in mounts, f"{name} {c['name']}"
+                if pm.is_driver_container(c) and args[0] == "fuse-keeper":
+                    # its socket is <state-dir>/fuse-keeper.sock: the engine's state dir, mounted at the same path
+                    assert pm.flag_value(args, "--state-dir") == values["stateDir"]
+                    assert mounts["state-dir"]["mountPath"] == values["stateDir"], f"{name} {c['name']}"
+                    continue
                 if pm.is_driver_container(c):
                     if args[0] == "serve":
                         assert pm.flag_value(args, "--endpoint") == f"unix://{SOCKET}" and "socket-dir" in mounts
