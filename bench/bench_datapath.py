@@ -9,7 +9,8 @@ every measure, both sides; --both: the idle rows, then the busy rows; default: i
 which ran. The burners are killed at the end like every other resource (also on an error or SIGTERM), and end by
 themselves if the bench dies.
 
-Needs root, /dev/fuse, loop devices and mfusepy. The two devices compared, same size, same filesystem:
+Needs root, /dev/fuse and loop devices (and the compiled FUSE loop for the fast path). The two devices
+compared, same size, same filesystem:
 
 - full path: an engine volume staged by DataPath as a raw block device, i.e. engine data file <- engine
   <- FUSE export file <- loop device with direct I/O (`losetup --direct-io=on`);

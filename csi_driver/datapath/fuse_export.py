@@ -263,6 +263,7 @@ class FuseExport:
         self._fd = -1
         self._loop: fuse_session.RequestLoop | None = None
         self._inited = threading.Event()
+        self._keeper_error = ""
         #: what INIT negotiated (kept with the descriptor by the keeper, for a successor)
         self.init: dict[str, int] = {}
         #: how this connection was obtained: "mounted", "adopted" (from the keeper), or "" (not running)
@@ -326,6 +327,7 @@ class FuseExport:
                                {"dev": fuse_session.mount_dev(self.mount_point), "init": self.init})
         except (fuse_keeper.KeeperError, OSError, RuntimeError) as e:
             # serving goes on; only a restart of this process would then fail the I/O (as without a keeper)
+            self._keeper_error = str(e)
             log.error("FUSE keeper unavailable, the export at %s will not survive a restart: %s",
                       self.mount_point, e)
 
@@ -405,7 +407,19 @@ class FuseExport:
     def survives_restart(self) -> bool:
         """A restart of this process pauses I/O instead of failing it (a keeper holds the connection and the
         kernel resends unanswered requests)."""
-        return self.keeper_dir is not None and bool(self.init.get("resend")) and bool(self.origin)
+        return not self.restart_fails()
+
+    def restart_fails(self) -> str:
+        """Why a restart of this process would fail the exported volumes' I/O, or "" when it would not."""
+        if not self.origin:
+            return "the FUSE export is not running"
+        if self.keeper_dir is None:
+            return "no FUSE keeper holds the connection"
+        if self._keeper_error:
+            return f"the FUSE keeper is unavailable ({self._keeper_error})"
+        if not self.init.get("resend"):
+            return "this kernel cannot resend unanswered FUSE requests (needs Linux 6.9)"
+        return ""
 
     # ------------------------------------------------------------------ exports
 

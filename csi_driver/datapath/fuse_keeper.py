@@ -402,8 +402,14 @@ class KeeperClient:
 # ---------------------------------------------------------------------------------------------- starting one
 
 
+#: idle exit of a keeper an engine starts for itself: it holds the connection from the engine's first put on, so
+#: it only needs to outlast the moment between ensure_keeper and that put; then a stopped node leaves no process
+SPAWNED_IDLE_EXIT = 2.0
+
+
 def keeper_argv(path: str) -> list[str]:
-    return [sys.executable, "-m", "csi_driver", "fuse-keeper", "--socket", path]
+    return [sys.executable, "-m", "csi_driver", "fuse-keeper", "--socket", path, "--idle-exit",
+            str(SPAWNED_IDLE_EXIT)]
 
 
 def spawn_keeper(state_dir: str) -> int:

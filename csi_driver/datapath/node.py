@@ -495,6 +495,10 @@ class DataPath:
             return True, "no loop device attached"
         if not rec.block and not privileged.is_mountpoint(rec.staging_path):
             return True, f"staging path {rec.staging_path} is not mounted"
+        why = self.export.restart_fails()
+        if why:
+            # not abnormal now, but an operator should know before restarting the engine
+            return False, f"healthy; a restart of the node engine would fail its I/O: {why}"
         return False, "healthy"
 
     def expand(self, volume_id: str, volume_path: str, required_bytes: int) -> int:

@@ -403,6 +403,8 @@ def test_kill_server_then_engine_during_io(workdir: str, engine_proc: EngineProc
         assert node.stage_publish(blk_id, block_cap()) == (blk_stg, blk_tgt)
         cond = node.stats(fs_id, fs_tgt).volume_condition
         assert not cond.abnormal, cond.message
+        # healthy, and it says what an engine restart would do without a keeper
+        assert "restart of the node engine would fail its I/O: no FUSE keeper" in cond.message
         assert fs_w.error is None and blk_w.error is None
 
         # 2. SIGKILL the engine process: I/O fails cleanly, Probe and volume_condition say so
@@ -513,7 +515,7 @@ def test_engine_sigkill_and_upgrade_pause_io_without_errors(workdir: str, engine
             node.srv.wait_ready(timeout=30)
             for vid, path in ((fs_id, fs_tgt), (blk_id, blk_tgt)):
                 cond = node.stats(vid, path).volume_condition
-                assert not cond.abnormal, cond.message
+                assert not cond.abnormal and cond.message == "healthy", cond.message
         print(f"I/O pause (ext4, raw block), seconds: {pauses}")
         fs_w.finish()
         blk_w.finish()
