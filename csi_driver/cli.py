@@ -229,16 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_certs(args.out, days=args.days)
     if args.command == "fuse-keeper":
-        from csi_driver.datapath import fuse_keeper
-        from csi_driver.logs import configure_logging
+        from csi_driver.remote.service import run_fuse_keeper
 
-        configure_logging(args.log_format, args.log_level)
-        try:
-            fuse_keeper.serve(args.socket or fuse_keeper.socket_path(args.state_dir), idle_exit=args.idle_exit)
-        except RuntimeError as e:
-            print(f"csi-flashcopy fuse-keeper: {e}", file=sys.stderr)
-            return 1
-        return 0
+        return run_fuse_keeper(args)
     if args.command == "demo":
         from csi_driver.demo import run_demo
 

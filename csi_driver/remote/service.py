@@ -351,6 +351,19 @@ def run_engine(args: argparse.Namespace) -> int:
     return _shutdown(engine, datapath)
 
 
+def run_fuse_keeper(args: argparse.Namespace) -> int:
+    """`csi-flashcopy fuse-keeper`: the engine process's companion that holds its FUSE connection."""
+    from csi_driver.datapath import fuse_keeper
+
+    configure_logging(getattr(args, "log_format", "text"), getattr(args, "log_level", "info"))
+    try:
+        fuse_keeper.serve(args.socket or fuse_keeper.socket_path(args.state_dir), idle_exit=args.idle_exit)
+    except RuntimeError as e:
+        log.error("cannot serve", extra={"fields": {"error": str(e)}})
+        return 1
+    return 0
+
+
 def _add_tls_port(server: grpc.Server, listen: str, tls: TlsFiles) -> bool:
     """The engine API for other nodes' controllers: mutual TLS, a client certificate from the CA required."""
     try:
