@@ -29,7 +29,7 @@ from csi_driver.metrics import EngineCollector, RpcMetrics, new_registry, serve_
 from csi_driver.proto_gen import csi_pb2
 from tests.csi.conftest import REPO, CsiServer, MiB, mount_cap, rpc_code, server_factory  # noqa: F401 - fixture
 from tests.datapath.conftest import KERNEL_SKIP, leftovers
-from tests.datapath.fuse_requests import Client
+from tests.datapath.fuse_requests import Client, MemTarget
 from tests.waiting import wait_for
 
 KiB = 1 << 10
@@ -200,29 +200,9 @@ def test_copy_on_write_commits_and_held_writes(engine_metrics: tuple[Engine, int
 
 
 def test_fuse_requests_are_counted_and_timed(tmp_path: Path) -> None:
-    class Mem:
-        def __init__(self, n: int) -> None:
-            self.buf = bytearray(n)
-
-        @property
-        def size(self) -> int:
-            return len(self.buf)
-
-        def read(self, offset: int, length: int) -> bytes:
-            return bytes(self.buf[offset:offset + length])
-
-        def write(self, offset: int, data: bytes) -> None:
-            self.buf[offset:offset + len(data)] = data
-
-        def flush(self) -> None:
-            pass
-
-        def discard(self, offset: int, length: int) -> None:
-            self.buf[offset:offset + length] = bytes(length)
-
     export = FuseExport(str(tmp_path / "mnt"))  # never mounted: the handler gets the requests directly
-    export.add("rw", Mem(MiB))
-    export.add("ro", Mem(MiB), read_only=True)
+    export.add("rw", MemTarget(MiB))
+    export.add("ro", MemTarget(MiB), read_only=True)
     c = Client(export.handler)
     c.init()
     rw, ro = c.lookup("rw"), c.lookup("ro")

@@ -445,7 +445,7 @@ def ensure_keeper(state_dir: str, timeout: float = 10.0) -> int:
         if time.monotonic() >= deadline:
             raise KeeperUnavailable(f"no FUSE keeper answered at {client.socket_path} within {timeout:.0f}s; "
                                     f"see {os.path.join(state_dir, LOG_NAME)}")
-        if respawns and not _alive(spawned):
+        if respawns and not pid_alive(spawned):
             # ours exited and nobody answers: the live keeper it deferred to has just idled out, or it failed
             # (the log says); try again a few times, not in a tight loop of failures
             respawns -= 1
@@ -453,7 +453,8 @@ def ensure_keeper(state_dir: str, timeout: float = 10.0) -> int:
         time.sleep(0.05)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from csi_driver.datapath.fuse_keeper import pid_alive as _alive  # one check for both detached processes
 from csi_driver.remote import wire
 from csi_driver.remote.client import RemoteBackend
 
@@ -114,18 +115,3 @@ def _wait_ready(backend: RemoteBackend, seconds: float) -> bool:
             return True
         time.sleep(0.1)
     return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie is not alive (cannot happen after re-parenting, but be exact)
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

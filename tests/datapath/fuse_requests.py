@@ -9,6 +9,29 @@ from csi_driver.datapath import fuse_wire as w
 _unique = itertools.count(2, 2)
 
 
+class MemTarget:
+    """A BlockTarget in memory, for an export without an engine."""
+
+    def __init__(self, n: int) -> None:
+        self.buf = bytearray(n)
+
+    @property
+    def size(self) -> int:
+        return len(self.buf)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return bytes(self.buf[offset:offset + length])
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.buf[offset:offset + len(data)] = data
+
+    def flush(self) -> None:
+        pass
+
+    def discard(self, offset: int, length: int) -> None:
+        self.buf[offset:offset + length] = bytes(length)
+
+
 class Client:
     """Sends whole requests to a handler and parses its replies, as the kernel would."""
 

@@ -25,6 +25,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from csi_driver.datapath import fuse_session
 from csi_driver.engine import errors
 from tests.datapath.conftest import KERNEL_SKIP
+from tests.datapath.fuse_requests import MemTarget
 from tests.waiting import wait_for
 
 MiB = 1 << 20
@@ -259,32 +260,12 @@ def test_the_python_loop_serves_an_export_without_the_extension(tmp_path: object
     """What a machine without a C compiler runs: the same handler, no fast path, no grants offered."""
     from csi_driver.datapath.fuse_export import FuseExport
 
-    class Mem:
-        def __init__(self, n: int) -> None:
-            self.buf = bytearray(n)
-
-        @property
-        def size(self) -> int:
-            return len(self.buf)
-
-        def read(self, offset: int, length: int) -> bytes:
-            return bytes(self.buf[offset:offset + length])
-
-        def write(self, offset: int, data: bytes) -> None:
-            self.buf[offset:offset + len(data)] = data
-
-        def flush(self) -> None:
-            pass
-
-        def discard(self, offset: int, length: int) -> None:
-            self.buf[offset:offset + length] = bytes(length)
-
     x = FuseExport(os.path.join(str(tmp_path), "mnt"), fast=False)
     assert x.bypass is None
     x.start()
     try:
         assert isinstance(x._loop, fuse_session.PyLoop)
-        mem = Mem(MiB)
+        mem = MemTarget(MiB)
         path = x.add("v", mem)
         assert os.listdir(x.mount_point) == ["v"] and os.stat(path).st_size == MiB
         fd = os.open(path, os.O_RDWR)
