@@ -229,6 +229,11 @@ class EmbeddedBackend:
         return self._records([i for i in every if all(i.attrs.get(k) == v for k, v in wanted)], every)
 
     def delete_volume(self, volume_id: str) -> None:
+        dp = self._datapath
+        # CSI's "volume in use": kubelet may still have it staged (a force-deleted Pod's containers run on for a
+        # while); deleting it would drop the data from under a mounted filesystem. The provisioner retries.
+        if dp is not None and volume_id in dp.staged_ids():
+            raise errors.InvalidState(f"volume {volume_id} is in use: staged on this node; unstage it first")
         self.engine.delete_volume(volume_id)
 
     def resize_volume(self, volume_id: str, new_size: int) -> Volume:

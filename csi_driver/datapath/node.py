@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -459,9 +460,22 @@ class DataPath:
     def _rec_for_path(self, volume_id: str, path: str) -> StageRecord:
         path = os.path.abspath(path)
         rec = self._records.items.get(volume_id)
-        if rec is None or (path != rec.staging_path and path not in rec.publishes):
+        if rec is None or (path != rec.staging_path and path not in rec.publishes
+                           and not (rec.block and self._same_device(path, rec))):
             raise errors.NotFound(f"volume {volume_id} is not staged or published at {path}")
         return rec
+
+    @staticmethod
+    def _same_device(path: str, rec: StageRecord) -> bool:
+        """path is a node of the volume's block device: kubelet asks for stats of block volumes at its own
+        per-pod bind mount of the device (.../volumeDevices/<pv>/dev/<pod-uid>), not at our publish target."""
+        if not rec.loop_device:
+            return False
+        try:
+            st, dev = os.stat(path), os.stat(rec.loop_device)
+        except OSError:
+            return False
+        return stat.S_ISBLK(st.st_mode) and st.st_rdev == dev.st_rdev
 
     def stats(self, volume_id: str, volume_path: str) -> NodeStats:
         with self._lock:

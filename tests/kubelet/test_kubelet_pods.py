@@ -201,15 +201,10 @@ def test_kubelet_reports_filesystem_volume_stats(env: Env) -> None:
     assert v["inodes"] > 0 and 0 < v["inodesUsed"] < v["inodes"]
 
 
-BLOCK_STATS_BUG = (
-    "NodeGetVolumeStats of a raw block volume answers NOT_FOUND: the kubelet (1.35) asks with volume_path "
-    "<kubelet-root>/plugins/kubernetes.io/csi/volumeDevices/<pv>/dev/<pod-uid> (its per-pod bind mount of the "
-    "device in the global map dir), while the driver only knows the staging path .../volumeDevices/staging/<pv> "
-    "and the publish target .../volumeDevices/publish/<pv>/<pod-uid>, so the kubelet never has block volume stats")
-
-
-@pytest.mark.xfail(reason=BLOCK_STATS_BUG, strict=True, raises=AssertionError)
 def test_kubelet_reports_block_volume_stats(env: Env) -> None:
+    """The kubelet (1.35) asks NodeGetVolumeStats of a raw block volume at its own per-pod bind mount of the
+    device (<kubelet-root>/plugins/kubernetes.io/csi/volumeDevices/<pv>/dev/<pod-uid>), not at the staging path
+    or the publish target: the driver must recognise the device there (it answered NOT_FOUND before)."""
     _stats_pods(env)
 
     def answered() -> bool:
@@ -253,19 +248,11 @@ def test_force_deleted_pod_and_its_claim_leave_nothing(env: Env) -> None:
     assert left == {}, f"volume {vid} left behind after a force-deleted pod:\n{left}\n{env.why()}"
 
 
-DELETE_STAGED_BUG = (
-    "DeleteVolume of a volume the kubelet has staged and published into a running Pod succeeds (OK) instead of "
-    "FAILED_PRECONDITION (CSI: volume in use): the engine drops the volume under the mounted ext4, the Pod's next "
-    "write + sync still return 0 but their write-back fails (engine: 'fuse_export write <vid> @... failed: volume "
-    "... not found'; kernel: 'EXT4-fs (loopN): failed to convert unwritten extents -- potential data loss', "
-    "'I/O error, dev loopN ... WRITE'): silent data loss. With attachRequired: false Kubernetes does not prevent "
-    "this order: after `kubectl delete pod --force --grace-period=0` the PVC goes at once and the provisioner "
-    "calls DeleteVolume ~1.5 s later while the container still runs (the kubelet kills it after a 2 s minimum "
-    "grace), NodeUnpublish/NodeUnstage come ~3 s after the DeleteVolume")
-
-
-@pytest.mark.xfail(reason=DELETE_STAGED_BUG, strict=True, raises=AssertionError)
 def test_delete_volume_of_a_staged_volume_is_refused(env: Env) -> None:
+    """CSI's "volume in use": with attachRequired: false, `kubectl delete pod --force --grace-period=0` lets the
+    PVC go at once and the provisioner calls DeleteVolume while the container still runs. It used to succeed and
+    drop the volume under the mounted ext4 (the Pod's next write + sync returned 0, their write-back failed:
+    silent data loss); now FAILED_PRECONDITION, and the Pod's data path keeps working."""
     import grpc
 
     from csi_driver.proto_gen import csi_pb2, csi_pb2_grpc
