@@ -161,12 +161,12 @@ class EngineVolume:
 class _Entry:
     __slots__ = ("name", "node", "target", "read_only", "size", "opens")
 
-    def __init__(self, name: str, node: int, target: BlockTarget, read_only: bool):
+    def __init__(self, name: str, node: int, target: BlockTarget, read_only: bool, size: int):
         self.name = name
         self.node = node
         self.target = target
         self.read_only = read_only
-        self.size = target.size
+        self.size = size
         self.opens = 0
 
 
@@ -434,15 +434,18 @@ class FuseExport:
         """
         if not name or "/" in name or name in (".", ".."):
             raise ValueError(f"bad export name {name!r}")
+        # Lock order: the engine's lock, then this one (the engine calls ExportBypass under its lock), so the
+        # target (the engine) is asked for its size before taking it, never while holding it.
+        size = target.size
         with self._lock:
             entry = self._entries.get(name)
             if entry is None:
                 node = self._nodes.get(name)
-                entry = self._entries[name] = self._by_node[node] = _Entry(name, node, target, read_only)
+                entry = self._entries[name] = self._by_node[node] = _Entry(name, node, target, read_only, size)
             else:
                 if self._loop is not None:
                     self._loop.revoke(entry.node)  # the engine grants again for the new target
-                entry.target, entry.read_only, entry.size = target, read_only, target.size
+                entry.target, entry.read_only, entry.size = target, read_only, size
         return self.path(name)
 
     def remove(self, name: str) -> bool:
@@ -464,7 +467,9 @@ class FuseExport:
         """Re-read the target's size (after the engine grew the volume) and let the kernel see it."""
         with self._lock:
             entry = self._entries[name]
-            entry.size = entry.target.size
+        size = entry.target.size  # not under the lock (lock order: see add)
+        with self._lock:
+            entry.size = size
         # attr_valid is 0, so this stat makes the kernel fetch the new size (loop reads the inode's size)
         os.stat(self.path(name))
         return entry.size
