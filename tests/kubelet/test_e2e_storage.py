@@ -32,6 +32,11 @@ TESTDRIVER = Path(__file__).with_name("flashcopy-testdriver.yaml")
 XFS_CLASS = "flashcopy-e2e-xfs"  # made by the fixture: deploy/kubernetes/common's `flashcopy`, fstype xfs
 
 SKIP = why_skip() or (None if RUNNER.exists() else f"no {RUNNER}")
+if SKIP is None and os.environ.get("CSI_FLASHCOPY_E2E") != "1":
+    # Not in the default run yet: its first runs here overlapped other sessions' loop devices and never finished
+    # a pattern cleanly, so neither its counts nor its time (~20 s per e2e.test start, 5 min per stuck pod) are
+    # known; CI stays within its budget until they are.
+    SKIP = "the External Storage e2e patterns run with CSI_FLASHCOPY_E2E=1 (not yet measured on a quiet machine)"
 pytestmark = pytest.mark.skipif(SKIP is not None, reason=SKIP or "")
 
 # Always skipped (e2e --ginkgo.skip): the runner's default (no disruptive/serial/slow specs in a shared CI run),
