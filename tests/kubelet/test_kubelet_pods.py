@@ -365,25 +365,25 @@ def test_engine_restart_under_writing_pods_pauses_io(env: Env) -> None:
     fs_loop = "i=0; while true; do echo $i >> /data/log || exit 3; sync /data/log || exit 4; i=$((i+1)); done"
     blk_loop = ("i=0; while true; do echo $i | dd of=/dev/xvda bs=512 seek=$((i % 64)) conv=fsync 2>/dev/null "
                 "|| exit 5; i=$((i+1)); done")
-    fs_pod, blk_pod = pod("fs-writer", "rw-fs"), pod("blk-writer", "rw-blk", block=True)
+    fs_pod, blk_pod = pod("restart-fs", "rw-fs"), pod("restart-blk", "rw-blk", block=True)
     fs_pod["spec"]["containers"][0]["command"] = ["sh", "-c", fs_loop]
     blk_pod["spec"]["containers"][0]["command"] = ["sh", "-c", blk_loop]
     running(env, pvc("rw-fs", "64Mi"), pvc("rw-blk", "32Mi", block=True), fs_pod, blk_pod)
-    wait_for(lambda: _counter(env, "fs-writer", "/data/log") > 20, timeout=60, what="the ext4 writer")
-    before = _counter(env, "fs-writer", "/data/log")
+    wait_for(lambda: _counter(env, "restart-fs", "/data/log") > 20, timeout=60, what="the ext4 writer")
+    before = _counter(env, "restart-fs", "/data/log")
     (pid,) = _engine_pids(env)
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: not _engine_pids(env), timeout=30, what="the engine gone")
     # (nothing may read the volumes now: their I/O waits in the kernel for the next engine)
     spawn_engine(str(env.driver_state), f"unix://{env.driver_state}/engine.sock")
-    wait_for(lambda: _counter(env, "fs-writer", "/data/log") > before + 20, timeout=90,
+    wait_for(lambda: _counter(env, "restart-fs", "/data/log") > before + 20, timeout=90,
              what="the ext4 writer going on after the engine restart", why=env.why)
-    for name in ("fs-writer", "blk-writer"):
+    for name in ("restart-fs", "restart-blk"):
         phase = env.k("get", "pod", name, "-o", "jsonpath={.status.phase}").stdout
         assert phase == "Running", f"{name} is {phase} after the engine restart:\n{env.why(name)}"
-    lines = sh(env, "fs-writer", "cat /data/log").split()
+    lines = sh(env, "restart-fs", "cat /data/log").split()
     assert lines[:len(lines) - 1] == [str(i) for i in range(len(lines) - 1)]
-    for name in ("fs-writer", "blk-writer"):
+    for name in ("restart-fs", "restart-blk"):
         env.k("delete", "pod", name, "--wait", f"--timeout={WAIT}")
     env.k("delete", "pvc", "rw-fs", "rw-blk", "--wait", f"--timeout={WAIT}")
 
