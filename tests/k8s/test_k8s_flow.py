@@ -112,6 +112,17 @@ class Cluster:
         return subprocess.run(["kubectl", "--kubeconfig", str(self.kubeconfig), *args], input=stdin,
                               capture_output=True, text=True, check=check, timeout=120)
 
+    def service_account_kubeconfig(self, sa: str, path: Path, namespace: str = pm.NAMESPACE) -> Path:
+        """A kubeconfig that acts as ServiceAccount `sa` (client-cert impersonation of the admin), so that the
+        RBAC granted to it is what authorizes a host process standing in for a pod that runs under it."""
+        kc = yaml.safe_load(self.kubeconfig.read_text())
+        for u in kc["users"]:
+            u["user"]["as"] = f"system:serviceaccount:{namespace}:{sa}"
+            u["user"]["as-groups"] = ["system:serviceaccounts", f"system:serviceaccounts:{namespace}",
+                                      "system:authenticated"]
+        path.write_text(yaml.safe_dump(kc))
+        return path
+
     def logs(self) -> str:
         out = []
         for p in self.procs.values():
@@ -511,13 +522,7 @@ def sidecars(cluster: Cluster, k8s: Any, driver: Driver, registered: Any) -> dic
     """The controller sidecars with exactly the installed DaemonSet's args, authenticated as its ServiceAccount."""
     ds = get(k8s, "apps/v1", "DaemonSet", f"{pm.RELEASE}-node", pm.NAMESPACE)
     sa = ds["spec"]["template"]["spec"]["serviceAccountName"]
-    kc = yaml.safe_load(cluster.kubeconfig.read_text())
-    for u in kc["users"]:
-        u["user"]["as"] = f"system:serviceaccount:{pm.NAMESPACE}:{sa}"
-        u["user"]["as-groups"] = ["system:serviceaccounts", f"system:serviceaccounts:{pm.NAMESPACE}",
-                                  "system:authenticated"]
-    sa_kubeconfig = cluster.state / "sidecars.kubeconfig"
-    sa_kubeconfig.write_text(yaml.safe_dump(kc))
+    sa_kubeconfig = cluster.service_account_kubeconfig(sa, cluster.state / "sidecars.kubeconfig")
     containers = _pod_containers(k8s, "DaemonSet", f"{pm.RELEASE}-node")
     started = {}
     for name in CONTROLLER_SIDECARS:

@@ -1,9 +1,10 @@
 """The driver under a real kubelet (../shared/peers/k8s-node): Pods mount its volumes through the kubelet's own
 NodeStage/NodePublish/NodeExpandVolume/NodeUnpublish/NodeUnstage calls, and every check reads bytes inside a Pod
-(`kubectl exec`). The driver runs on the host as on the chart's single-node plugin container (node id
-`localhost`, the kubelet's paths); the control plane (../shared/peers/k8s) runs the controller sidecars.
+(`kubectl exec`). The driver is the chart, installed with `helm install`, its node DaemonSet pod (plugin, engine,
+FUSE keeper) and controller Deployment pod (driver, provisioner, snapshotter, resizer) run as host processes with
+the args the API server holds for them (tests/kubelet/node.py says how and what differs from a pod).
 
-Module-scoped: one environment (driver, control plane, node: ~30 s up); each test makes its own objects.
+Module-scoped: one environment (control plane, chart, node: ~40 s up); each test makes its own objects.
 KUBELET_KEEP_STATE=1 keeps /tmp/kl-* (every component's log) for a post-mortem.
 """
 
@@ -12,20 +13,33 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from csi_driver import DRIVER_NAME
-from tests.kubelet.node import IMAGE, NODE_NAME, Env, loops_on, mounts_under, running_node, why_skip
+from tests.kubelet.node import (
+    IMAGE,
+    NODE_NAME,
+    NS,
+    Env,
+    has_cap_sys_resource,
+    loops_on,
+    mounts_under,
+    running_node,
+    why_skip,
+)
+from tests.packaging import packaging_manifests as pm
 from tests.waiting import wait_for
 
 SKIP = why_skip()
 pytestmark = pytest.mark.skipif(SKIP is not None, reason=SKIP or "")
 
 CLASS = "flashcopy"  # deploy/kubernetes/common: ext4, WaitForFirstConsumer, allowVolumeExpansion
-XFS_CLASS = "kubelet-test-xfs"
 MiB = 1 << 20
 WAIT = "120s"
 
@@ -143,28 +157,42 @@ def test_raw_block_snapshot_restore_bytes(env: Env) -> None:
     assert size == 32 * MiB
 
 
-def test_online_expansion_of_mounted_xfs(env: Env) -> None:
-    cls = {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": XFS_CLASS},
+NO_EXT4_ONLINE_RESIZE = pytest.mark.skipif(
+    not has_cap_sys_resource(), reason="root lacks CAP_SYS_RESOURCE (/proc/self/status CapEff bit 24): ext4 online "
+    "resize (EXT4_IOC_RESIZE_FS) fails with EPERM, the driver answers FAILED_PRECONDITION; the xfs case runs")
+
+
+@pytest.mark.parametrize(("fs", "size", "grown_to", "gain_kib"), [
+    # xfs_growfs adds data space only (the log keeps its mkfs size): 320 MiB more; mkfs.xfs wants >= 300 MB
+    pytest.param("xfs", "320Mi", "640Mi", 320 * 1024, id="xfs"),
+    # resize2fs adds block groups with their own metadata: most of the 64 MiB
+    pytest.param("ext4", "64Mi", "128Mi", 56 * 1024, id="ext4", marks=NO_EXT4_ONLINE_RESIZE),
+])
+def test_online_expansion_of_a_mounted_filesystem(env: Env, fs: str, size: str, grown_to: str, gain_kib: int
+                                                   ) -> None:
+    cls_name = f"kubelet-test-{fs}"
+    cls = {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": cls_name},
            "provisioner": DRIVER_NAME, "reclaimPolicy": "Delete", "volumeBindingMode": "WaitForFirstConsumer",
-           "allowVolumeExpansion": True, "parameters": {"csi.storage.k8s.io/fstype": "xfs"}}
+           "allowVolumeExpansion": True, "parameters": {"csi.storage.k8s.io/fstype": fs}}
     env.kubectl("apply", "-f", "-", stdin=json.dumps(cls))
-    running(env, pvc("xfs", "320Mi", cls=XFS_CLASS), pod("xfs-pod", "xfs"))
-    assert "xfs" in sh(env, "xfs-pod", "grep ' /data ' /proc/mounts")
-    sh(env, "xfs-pod", "echo before-growth > /data/keep && sync")
-    before = df_kib(env, "xfs-pod")
-    assert before < 320 * 1024
-    env.k("patch", "pvc", "xfs", "--type=merge", "-p", '{"spec": {"resources": {"requests": {"storage": "640Mi"}}}}')
+    claim, pod_name = f"grow-{fs}", f"grow-{fs}-pod"
+    running(env, pvc(claim, size, cls=cls_name), pod(pod_name, claim))
+    assert fs in sh(env, pod_name, "grep ' /data ' /proc/mounts")
+    sh(env, pod_name, "echo before-growth > /data/keep && sync")
+    before = df_kib(env, pod_name)
+    env.k("patch", "pvc", claim, "--type=merge", "-p",
+          json.dumps({"spec": {"resources": {"requests": {"storage": grown_to}}}}))
 
     def grown() -> int:
-        # xfs_growfs adds data space only (the log keeps its mkfs size): 320 MiB more
-        kib = df_kib(env, "xfs-pod")
-        return kib if kib >= before + 320 * 1024 else 0
+        kib = df_kib(env, pod_name)
+        return kib if kib >= before + gain_kib else 0
 
-    wait_for(grown, timeout=90, what="the Pod's df to show the expanded xfs (kubelet NodeExpandVolume)",
-             interval=1, why=lambda: env.k("get", "pvc", "xfs", "-o", "yaml", check=False).stdout + env.why("xfs-pod"))
-    assert sh(env, "xfs-pod", "cat /data/keep").strip() == "before-growth"
-    cap = env.k("get", "pvc", "xfs", "-o", "jsonpath={.status.capacity.storage}").stdout
-    assert cap == "640Mi"
+    wait_for(grown, timeout=90, what=f"the Pod's df to show the expanded {fs} (kubelet NodeExpandVolume)",
+             interval=1, why=lambda: env.k("get", "pvc", claim, "-o", "yaml", check=False).stdout + env.why(pod_name))
+    assert sh(env, pod_name, "cat /data/keep").strip() == "before-growth"
+    assert env.k("get", "pvc", claim, "-o", "jsonpath={.status.capacity.storage}").stdout == grown_to
+    env.k("delete", "pod", pod_name, "--wait", f"--timeout={WAIT}")
+    env.k("delete", "pvc", claim, "--wait", f"--timeout={WAIT}")
 
 
 def test_fsgroup_gives_a_non_root_pod_the_volume(env: Env) -> None:
@@ -339,28 +367,11 @@ def test_group_snapshot_of_running_writers_is_write_order_consistent(env: Env) -
     env.k("delete", "pvc", *claims, *restored, "--wait", f"--timeout={WAIT}")
 
 
-def _engine_pids(env: Env) -> list[int]:
-    """The node engine process(es) serving the driver's state dir."""
-    from pathlib import Path
-
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            with contextlib.suppress(OSError):
-                argv = (d / "cmdline").read_bytes().split(b"\0")
-                if b"engine" in argv and str(env.driver_state).encode() in b" ".join(argv):
-                    out.append(int(d.name))
-    return out
-
-
 def test_engine_restart_under_writing_pods_pauses_io(env: Env) -> None:
     """SIGKILL of the node engine while a Pod appends fsynced records to an ext4 PVC and another writes a raw
-    block PVC, then a new engine process (what the chart's engine container restart does): both Pods keep running
-    without an I/O error, their writes go on, and nothing needs staging again."""
-    import os
-    import signal
-
-    from csi_driver.remote.launcher import spawn_engine
+    block PVC, then the chart's engine container started again as the kubelet restarts it: both Pods keep running
+    without an I/O error, their writes go on, and nothing needs staging again (the FUSE keeper held the
+    connection)."""
 
     fs_loop = "i=0; while true; do echo $i >> /data/log || exit 3; sync /data/log || exit 4; i=$((i+1)); done"
     blk_loop = ("i=0; while true; do echo $i | dd of=/dev/xvda bs=512 seek=$((i % 64)) conv=fsync 2>/dev/null "
@@ -371,11 +382,8 @@ def test_engine_restart_under_writing_pods_pauses_io(env: Env) -> None:
     running(env, pvc("rw-fs", "64Mi"), pvc("rw-blk", "32Mi", block=True), fs_pod, blk_pod)
     wait_for(lambda: _counter(env, "restart-fs", "/data/log") > 20, timeout=60, what="the ext4 writer")
     before = _counter(env, "restart-fs", "/data/log")
-    (pid,) = _engine_pids(env)
-    os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: not _engine_pids(env), timeout=30, what="the engine gone")
-    # (nothing may read the volumes now: their I/O waits in the kernel for the next engine)
-    spawn_engine(str(env.driver_state), f"unix://{env.driver_state}/engine.sock")
+    # (nothing may read the volumes between kill and start: their I/O waits in the kernel for the next engine)
+    env.container("node/engine").restart(signal.SIGKILL)
     wait_for(lambda: _counter(env, "restart-fs", "/data/log") > before + 20, timeout=90,
              what="the ext4 writer going on after the engine restart", why=env.why)
     for name in ("restart-fs", "restart-blk"):
@@ -386,6 +394,157 @@ def test_engine_restart_under_writing_pods_pauses_io(env: Env) -> None:
     for name in ("restart-fs", "restart-blk"):
         env.k("delete", "pod", name, "--wait", f"--timeout={WAIT}")
     env.k("delete", "pvc", "rw-fs", "rw-blk", "--wait", f"--timeout={WAIT}")
+
+
+def _published_at(env: Env, pod_name: str, claim: str) -> str:
+    """Where the kubelet published `claim`'s volume for `pod_name`: the mount whose path names both (a block
+    volume has two, the CSI publish target .../volumeDevices/publish/<pv>/<uid> and the kubelet's own bind
+    mount of the device; the former)."""
+    uid = env.k("get", "pod", pod_name, "-o", "jsonpath={.metadata.uid}").stdout
+    pv = env.k("get", "pvc", claim, "-o", "jsonpath={.spec.volumeName}").stdout
+    paths = {m.rsplit(" (", 1)[0] for m in mounts_under(env.kubelet_root) if uid in m and pv in m}
+    (path,) = [p for p in paths if "/publish/" in p] if len(paths) > 1 else paths
+    return path
+
+
+def _node_stats(env: Env, claim: str, path: str) -> Any:
+    """NodeGetVolumeStats as the kubelet asks it (its CSIVolumeHealth gate, which would show volume_condition in
+    kubelet_volume_stats_health_status_abnormal, is alpha and off, and the peer sets no feature gates)."""
+    import grpc
+
+    from csi_driver.proto_gen import csi_pb2, csi_pb2_grpc
+
+    pv = env.k("get", "pvc", claim, "-o", "jsonpath={.spec.volumeName}").stdout
+    vid = env.kubectl("get", "pv", pv, "-o", "jsonpath={.spec.csi.volumeHandle}").stdout
+    with grpc.insecure_channel(f"unix://{env.node_sock}") as ch:
+        return csi_pb2_grpc.NodeStub(ch).NodeGetVolumeStats(
+            csi_pb2.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=path), timeout=30)
+
+
+def test_node_plugin_restart_under_writing_pods(env: Env) -> None:
+    """SIGKILL of the chart's node plugin container (`serve --mode=node`) while Pods write, then its restart as
+    the kubelet does it: the Pods never notice (the data path is the engine's, beside it), the kubelet reaches
+    the new process on the same socket (a new Pod's NodeStage/NodePublish, stats, the old Pods'
+    NodeUnpublish/NodeUnstage when they go) and nothing is left behind."""
+    fs_loop = "i=0; while true; do echo $i >> /data/log || exit 3; sync /data/log || exit 4; i=$((i+1)); done"
+    writer = pod("plugin-restart-fs", "plugin-fs")
+    writer["spec"]["containers"][0]["command"] = ["sh", "-c", fs_loop]
+    running(env, pvc("plugin-fs", "64Mi"), writer)
+    wait_for(lambda: _counter(env, "plugin-restart-fs", "/data/log") > 20, timeout=60, what="the writer")
+    plugin = env.container("node/csi-flashcopy")
+    old_pid = plugin.popen.pid if plugin.popen else 0
+    plugin.stop(signal.SIGKILL)
+    before = _counter(env, "plugin-restart-fs", "/data/log")
+    wait_for(lambda: _counter(env, "plugin-restart-fs", "/data/log") > before + 50, timeout=60,
+             what="the writer going on with no node plugin running", why=env.why)
+    # a Pod created now waits for its volume: the kubelet retries NodeStage until the plugin is back
+    env.apply(pvc("plugin-late", "64Mi"), pod("plugin-late-pod", "plugin-late"))
+    plugin.start()
+    assert plugin.popen is not None and plugin.popen.pid != old_pid
+    running(env, pod("plugin-late-pod", "plugin-late"))
+    sh(env, "plugin-late-pod", "echo staged-by-the-new-plugin > /data/f && sync")
+    st = _node_stats(env, "plugin-fs", _published_at(env, "plugin-restart-fs", "plugin-fs"))
+    assert not st.volume_condition.abnormal, st.volume_condition.message
+    lines = sh(env, "plugin-restart-fs", "cat /data/log").split()
+    assert lines[:-1] == [str(i) for i in range(len(lines) - 1)] and len(lines) > before + 50
+    assert env.k("get", "pod", "plugin-restart-fs", "-o", "jsonpath={.status.phase}").stdout == "Running"
+    pvs = [env.k("get", "pvc", n, "-o", "jsonpath={.spec.volumeName}").stdout for n in ("plugin-fs", "plugin-late")]
+    env.k("delete", "pod", "plugin-restart-fs", "plugin-late-pod", "--wait", f"--timeout={WAIT}")
+    env.k("delete", "pvc", "plugin-fs", "plugin-late", "--wait", f"--timeout={WAIT}")
+    wait_for(lambda: not [m for m in mounts_under(env.kubelet_root) if any(pv in m for pv in pvs)], timeout=60,
+             what="the new plugin unpublished and unstaged the old Pod's volume", interval=0.5, why=env.why)
+
+
+def test_volume_health_when_the_engine_dies_and_recovers(env: Env) -> None:
+    """With the engine container dead, NodeGetVolumeStats of a mounted ext4 and of a raw block volume still
+    answers (the node plugin is its own process), abnormal and saying why; once the kubelet would have
+    restarted the engine, healthy again, and the Pods' volumes work."""
+    running(env, pvc("health-fs", "64Mi"), pod("health-fs-pod", "health-fs"),
+            pvc("health-blk", "32Mi", block=True), pod("health-blk-pod", "health-blk", block=True))
+    sh(env, "health-fs-pod", "echo before > /data/f && sync")
+    paths = {"health-fs": _published_at(env, "health-fs-pod", "health-fs"),
+             "health-blk": _published_at(env, "health-blk-pod", "health-blk")}
+    for claim, path in paths.items():
+        st = _node_stats(env, claim, path)
+        assert not st.volume_condition.abnormal, (claim, st.volume_condition.message)
+    engine = env.container("node/engine")
+    engine.stop(signal.SIGKILL)
+    try:
+        for claim, path in paths.items():
+            st = _node_stats(env, claim, path)
+            assert st.volume_condition.abnormal, (claim, st)
+            assert "engine unavailable" in st.volume_condition.message, st.volume_condition.message
+        fs = _node_stats(env, "health-fs", paths["health-fs"])
+        assert fs.usage[0].total > 50 * MiB  # a mounted filesystem's counters still come from the kernel
+    finally:
+        engine.start()
+
+    def healthy() -> bool:
+        return not any(_node_stats(env, c, p).volume_condition.abnormal for c, p in paths.items())
+
+    wait_for(healthy, timeout=60, what="healthy volume conditions after the engine restart", interval=0.5,
+             why=env.why)
+    assert sh(env, "health-fs-pod", "cat /data/f && echo after > /data/g && sync && cat /data/g").split() == [
+        "before", "after"]
+    env.k("delete", "pod", "health-fs-pod", "health-blk-pod", "--wait", f"--timeout={WAIT}")
+    env.k("delete", "pvc", "health-fs", "health-blk", "--wait", f"--timeout={WAIT}")
+
+
+def _cli(env: Env, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """The csi-flashcopy CLI as an operator runs it, with the admin kubeconfig."""
+    r = subprocess.run([sys.executable, "-m", "csi_driver", *args], capture_output=True, text=True, timeout=300,
+                       env=dict(env.cluster.env), cwd=pm.REPO)
+    if check:
+        assert r.returncode == 0, f"csi-flashcopy {' '.join(args)}: {r.returncode}\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+def test_clone_refresh_and_restore_cli_with_pods(env: Env) -> None:
+    """The dev/test workflow on Pods: `clone` two copies of a PVC a Pod writes, Pods on the clones see the
+    source's files and write their own; the source moves on; `refresh` of clones still mounted is refused and
+    loses nothing, after their Pods go it brings them to the source's new point in time (their own writes gone);
+    `restore` puts the source back to its first snapshot in place, refused while a Pod uses it."""
+    running(env, pvc("app", "64Mi"), pod("app-pod", "app"))
+    sh(env, "app-pod", "set -e; cd /data; echo v1 > version; dd if=/dev/urandom of=blob bs=64k count=8 2>/dev/null;"
+                       " sync")
+    v1 = files_and_sums(env, "app-pod")
+    env.apply(snapshot("app-v1", "app"))
+    snapshot_ready(env, "app-v1")
+    _cli(env, "clone", "-n", NS, "--from-pvc", "app", "--count", "2", "--label", "team=qa", "--wait", "120")
+    clones = ["app-clone-1", "app-clone-2"]
+    running(env, *[pod(f"{c}-pod", c) for c in clones])
+    for c in clones:
+        assert files_and_sums(env, f"{c}-pod") == v1
+    sh(env, "app-clone-1-pod", "echo qa-only > /data/qa && sync")
+    assert "./qa" not in files_and_sums(env, "app-pod")
+    sh(env, "app-pod", "set -e; cd /data; echo v2 > version; echo new > added; sync")
+    v2 = files_and_sums(env, "app-pod")
+    assert v2 != v1
+
+    # clones in use: refused, nothing lost
+    r = _cli(env, "refresh", "-n", NS, "--selector", "team=qa", "--wait", "120", check=False)
+    assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+    assert "staged" in r.stdout + r.stderr, r.stdout + r.stderr
+    assert "./qa" in files_and_sums(env, "app-clone-1-pod")
+    env.k("delete", "pod", *[f"{c}-pod" for c in clones], "--wait", f"--timeout={WAIT}")
+    _cli(env, "refresh", "-n", NS, "--selector", "team=qa", "--wait", "120")
+    running(env, *[pod(f"{c}-pod2", c) for c in clones])
+    for c in clones:
+        assert files_and_sums(env, f"{c}-pod2") == v2, f"{c} after refresh"
+
+    # restore in place: refused under the mounted source, then done once its Pod is gone
+    r = _cli(env, "restore", "-n", NS, "--pvc", "app", "--snapshot", "app-v1", "--wait", "120", check=False)
+    assert r.returncode == 1 and "staged" in r.stdout + r.stderr, (r.returncode, r.stdout, r.stderr)
+    assert files_and_sums(env, "app-pod") == v2
+    env.k("delete", "pod", "app-pod", "--wait", f"--timeout={WAIT}")
+    _cli(env, "restore", "-n", NS, "--pvc", "app", "--snapshot", "app-v1", "--wait", "120")
+    running(env, pod("app-pod2", "app"))
+    assert files_and_sums(env, "app-pod2") == v1
+    sh(env, "app-pod2", "echo writable > /data/w && sync")
+    env.k("delete", "pod", "app-pod2", *[f"{c}-pod2" for c in clones], "--wait", f"--timeout={WAIT}")
+    _cli(env, "clone", "-n", NS, "--delete", "--selector", "team=qa", "--wait", "120")
+    env.k("delete", "volumesnapshot", "app-v1", "--wait", f"--timeout={WAIT}")
+    env.k("delete", "pvc", "app", "--wait", f"--timeout={WAIT}")
 
 
 def test_teardown_leaves_no_mounts_loops_or_exports(env: Env) -> None:
@@ -423,4 +582,4 @@ def test_teardown_leaves_no_mounts_loops_or_exports(env: Env) -> None:
     # and the driver's own export is still there while it runs
     assert any(m.startswith(exports + " (fuse") for m in mounts_under(env.driver_state)), \
         mounts_under(env.driver_state)
-    assert env.driver.popen.poll() is None, "the driver exited:\n" + env.driver.text()[-3000:]
+    assert env.driver.running(), "the node plugin exited:\n" + env.driver.text()[-3000:]
