@@ -52,12 +52,15 @@ def env() -> Iterator[Env]:
 
 # ------------------------------------------------------------------------------------------------ objects
 
-def pvc(name: str, size: str, *, cls: str = CLASS, block: bool = False, snapshot: str | None = None) -> dict[str, Any]:
+def pvc(name: str, size: str, *, cls: str = CLASS, block: bool = False, snapshot: str | None = None,
+        clone_of: str | None = None) -> dict[str, Any]:
     spec: dict[str, Any] = {"accessModes": ["ReadWriteOnce"], "storageClassName": cls,
                             "resources": {"requests": {"storage": size}},
                             "volumeMode": "Block" if block else "Filesystem"}
     if snapshot:
         spec["dataSource"] = {"apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": snapshot}
+    if clone_of:
+        spec["dataSource"] = {"kind": "PersistentVolumeClaim", "name": clone_of}
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": name}, "spec": spec}
 
 
@@ -138,7 +141,9 @@ def test_ext4_snapshot_restores_show_the_snapshot_instant(env: Env) -> None:
     assert "./big" not in files_and_sums(env, "fs-writer")
 
 
-def test_raw_block_snapshot_restore_bytes(env: Env) -> None:
+def test_raw_block_snapshot_clone_restore_bytes(env: Env) -> None:
+    """volumeMode: Block in Pods: a pattern written to the device, a snapshot and a clone (PVC data source) of
+    it, the source overwritten; a restore of the snapshot and the clone both read the pattern."""
     running(env, pvc("blk", "32Mi", block=True), pod("blk-writer", "blk", block=True))
     # a pattern in the middle of the device: 4 MiB random at offset 8 MiB
     written = sh(env, "blk-writer", "set -e; dd if=/dev/urandom of=/tmp/p bs=1M count=4 2>/dev/null;"
@@ -146,13 +151,20 @@ def test_raw_block_snapshot_restore_bytes(env: Env) -> None:
                                     " md5sum < /tmp/p").split()[0]
     read = sh(env, "blk-writer", "dd if=/dev/xvda bs=1M skip=8 count=4 2>/dev/null | md5sum").split()[0]
     assert read == written
-    env.apply(snapshot("blk-snap", "blk"))
+    env.apply(snapshot("blk-snap", "blk"), pvc("blk-clone", "32Mi", block=True, clone_of="blk"))
     snapshot_ready(env, "blk-snap")
+    # the clone is cut when its PVC is provisioned (WaitForFirstConsumer: when a Pod uses it), so it is made first
+    running(env, pod("blk-clone-reader", "blk-clone", block=True))
     sh(env, "blk-writer", "dd if=/dev/zero of=/dev/xvda bs=1M seek=8 count=4 conv=fsync 2>/dev/null")
     running(env, pvc("blk-restored", "32Mi", block=True, snapshot="blk-snap"),
             pod("blk-reader", "blk-restored", block=True))
-    got = sh(env, "blk-reader", "dd if=/dev/xvda bs=1M skip=8 count=4 2>/dev/null | md5sum").split()[0]
-    assert got == written
+    for reader in ("blk-reader", "blk-clone-reader"):
+        got = sh(env, reader, "dd if=/dev/xvda bs=1M skip=8 count=4 2>/dev/null | md5sum").split()[0]
+        assert got == written, reader
+    zeros = sh(env, "blk-writer", "dd if=/dev/xvda bs=1M skip=8 count=4 2>/dev/null | md5sum").split()[0]
+    assert zeros != written
+    env.k("delete", "pod", "blk-clone-reader", "--wait", f"--timeout={WAIT}")
+    env.k("delete", "pvc", "blk-clone", "--wait", f"--timeout={WAIT}")
     size = int(sh(env, "blk-reader", "blockdev --getsize64 /dev/xvda").strip())
     assert size == 32 * MiB
 
