@@ -30,7 +30,7 @@ typecheck:
 	$(PYTHON) -m mypy
 
 test: setup typecheck
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=15
 
 bench: setup-python
 	$(PYTHON) -m bench.run_all $(BENCH_ARGS)

@@ -35,7 +35,7 @@ XFS_CLASS = "flashcopy-e2e-xfs"  # made by the fixture: the chart's `flashcopy` 
 SKIP = why_skip() or (None if RUNNER.exists() else f"no {RUNNER}")
 if SKIP is None and os.environ.get("CSI_FLASHCOPY_E2E") == "0":
     SKIP = "CSI_FLASHCOPY_E2E=0: the External Storage e2e patterns are switched off"
-pytestmark = pytest.mark.skipif(SKIP is not None, reason=SKIP or "")
+pytestmark = [pytest.mark.skipif(SKIP is not None, reason=SKIP or ""), pytest.mark.long]
 
 # Always skipped (e2e --ginkgo.skip): the runner's default (no disruptive/serial/slow specs in a shared CI run),
 # plus specs needing images other than the node's imported pause and busybox (no registry is reachable, they

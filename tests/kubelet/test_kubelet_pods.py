@@ -226,6 +226,7 @@ def _stats_pods(env: Env) -> None:
 STATS_WAIT = 150  # a minute and a half between two passes of the kubelet's volume stats, plus a pod start
 
 
+@pytest.mark.long  # waits for the kubelet's next volume stats pass (once a minute)
 def test_kubelet_reports_filesystem_volume_stats(env: Env) -> None:
     _stats_pods(env)
     sh(env, "fs-writer", "dd if=/dev/zero of=/data/stats bs=1M count=10 2>/dev/null && sync")
@@ -241,6 +242,7 @@ def test_kubelet_reports_filesystem_volume_stats(env: Env) -> None:
     assert v["inodes"] > 0 and 0 < v["inodesUsed"] < v["inodes"]
 
 
+@pytest.mark.long  # waits for the kubelet's next volume stats pass (once a minute)
 def test_kubelet_reports_block_volume_stats(env: Env) -> None:
     """The kubelet (1.35) asks NodeGetVolumeStats of a raw block volume at its own per-pod bind mount of the
     device (<kubelet-root>/plugins/kubernetes.io/csi/volumeDevices/<pv>/dev/<pod-uid>), not at the staging path
