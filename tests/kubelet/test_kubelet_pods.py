@@ -281,6 +281,12 @@ def test_kubelet_reports_filesystem_volume_stats(env: Env) -> None:
     assert 50 * MiB < v["capacityBytes"] <= 64 * MiB
     assert v["availableBytes"] < v["capacityBytes"] - 10 * MiB
     assert v["inodes"] > 0 and 0 < v["inodesUsed"] < v["inodes"]
+    # and the kubelet's Prometheus metrics, from the same stats
+    series = {ln.split("{", 1)[0]: float(ln.rsplit(" ", 1)[1]) for ln in env.kubelet_metrics().splitlines()
+              if ln.startswith("kubelet_volume_stats_") and 'persistentvolumeclaim="fs"' in ln
+              and f'namespace="{NS}"' in ln}
+    assert series.get("kubelet_volume_stats_used_bytes", 0) >= 10 * MiB, series
+    assert series.get("kubelet_volume_stats_capacity_bytes") == v["capacityBytes"], series
 
 
 @pytest.mark.long  # waits for the kubelet's next volume stats pass (once a minute)
