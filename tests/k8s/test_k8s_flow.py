@@ -82,14 +82,29 @@ class Proc:
     def text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
-    def stop(self) -> None:
+    def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.popen.poll() is None:
-            self.popen.terminate()
+            self.popen.send_signal(sig)
             try:
                 self.popen.wait(30)
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait()
+
+
+def probe_ready(sock: Path) -> bool:
+    """Identity.Probe of the CSI server on unix socket `sock` answers ready."""
+    import grpc
+
+    from csi_driver.proto_gen import csi_pb2, csi_pb2_grpc
+
+    if not sock.exists():
+        return False
+    with grpc.insecure_channel(f"unix://{sock}") as ch:
+        try:
+            return bool(csi_pb2_grpc.IdentityStub(ch).Probe(csi_pb2.ProbeRequest(), timeout=5).ready.value)
+        except grpc.RpcError:
+            return False
 
 
 @dataclass
@@ -111,6 +126,12 @@ class Cluster:
     def kubectl(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["kubectl", "--kubeconfig", str(self.kubeconfig), *args], input=stdin,
                               capture_output=True, text=True, check=check, timeout=120)
+
+    def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        """The csi-flashcopy CLI as an operator runs it against this cluster (its admin kubeconfig)."""
+        env = dict(self.env, PYTHONPATH=str(pm.REPO) + os.pathsep + self.env.get("PYTHONPATH", ""))
+        return subprocess.run([sys.executable, "-m", "csi_driver", *args], capture_output=True, text=True,
+                              env=env, timeout=timeout, cwd=pm.REPO)
 
     def service_account_kubeconfig(self, sa: str, path: Path, namespace: str = pm.NAMESPACE) -> Path:
         """A kubeconfig that acts as ServiceAccount `sa` (client-cert impersonation of the admin), so that the

@@ -24,7 +24,7 @@ import grpc
 import pytest
 
 from tests.k8s.staging import StagedBlock
-from tests.k8s.test_k8s_flow import SKIP, Cluster, _free_port, running_peer
+from tests.k8s.test_k8s_flow import SKIP, Cluster, _free_port, probe_ready, running_peer
 from tests.packaging import packaging_manifests as pm
 from tests.waiting import wait_for
 
@@ -98,13 +98,7 @@ class MultiNode:
         return csi_pb2_grpc.ControllerStub(ch), csi_pb2_grpc.GroupControllerStub(ch), ch
 
     def ready(self) -> bool:
-        from csi_driver.proto_gen import csi_pb2, csi_pb2_grpc
-
-        with grpc.insecure_channel(f"unix:{self.sock}") as ch:
-            try:
-                return bool(csi_pb2_grpc.IdentityStub(ch).Probe(csi_pb2.ProbeRequest(), timeout=5).ready.value)
-            except grpc.RpcError:
-                return False
+        return probe_ready(self.sock)
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}:\n" + "\n".join(p.read_text(errors="replace").splitlines()[-30:])
@@ -374,13 +368,10 @@ def test_operations_through_the_controller_status_per_node_and_restore_in_place(
         return found if ok else None
     found = wait_for(per_node, timeout=WAIT, what="a FlashCopyNode per node", interval=0.5)
     assert all(v["node"] == n for v in found[n]["volumes"])
-    env = dict(mn.c.env, PYTHONPATH=str(pm.REPO))
-    r = subprocess.run([sys.executable, "-m", "csi_driver", "restore", "-n", NS, "--pvc", "ops-db", "--snapshot",
-                        "ops-db-s", "--wait", "60"], capture_output=True, text=True, env=env, timeout=120)
+    r = mn.c.cli("restore", "-n", NS, "--pvc", "ops-db", "--snapshot", "ops-db-s", "--wait", "60", timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr + mn.logs()
     assert _write_block(mn, n, handle, None).startswith(b"before")
-    r = subprocess.run([sys.executable, "-m", "csi_driver", "status", "-n", NS, "-o", "json"],
-                       capture_output=True, text=True, env=env, timeout=60)
+    r = mn.c.cli("status", "-n", NS, "-o", "json", timeout=60)
     doc = json.loads(r.stdout)
     assert {v["node"] for v in doc["volumes"]} >= {n} and not doc["missingNodes"]
 

@@ -45,9 +45,7 @@ class Env(KubeObjects):
         self.sock = state / "engine.sock"
 
     def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-        env = dict(self.peer.env, PYTHONPATH=str(pm.REPO) + os.pathsep + self.peer.env.get("PYTHONPATH", ""))
-        return subprocess.run([sys.executable, "-m", "csi_driver", *args], capture_output=True, text=True,
-                              env=env, timeout=timeout, cwd=pm.REPO)
+        return self.peer.cli(*args, timeout=timeout)
 
     def engine(self) -> Any:
         from csi_driver.remote.client import RemoteBackend
