@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from csi_driver import DRIVER_NAME
-from tests.k8s.test_k8s_flow import Cluster, _free_port, running_peer
+from tests.k8s.test_k8s_flow import Cluster, Proc, _free_port, probe_ready, running_peer
 from tests.k8s.test_k8s_flow import _why_skip as _control_plane_why_skip
 from tests.packaging import packaging_manifests as pm
 from tests.waiting import wait_for, wait_process_exit
@@ -85,39 +85,37 @@ def has_cap_sys_resource() -> bool:
 
 @dataclass
 class HostContainer:
-    """One container of the chart's pods as a host process. restart() is what the kubelet does when the
-    container dies: the same argv again, in a new process."""
+    """One container of the chart's pods as a host process (a Proc once started). restart() is what the kubelet
+    does when the container dies: the same argv again, in a new process."""
 
     name: str  # <pod>/<container>
     argv: list[str]
     env: dict[str, str]
     log: Path
-    popen: subprocess.Popen[bytes] | None = None
+    proc: Proc | None = None
+
+    @property
+    def popen(self) -> subprocess.Popen[bytes] | None:
+        return self.proc.popen if self.proc else None
 
     def start(self) -> None:
         with open(self.log, "ab") as f:
-            self.popen = subprocess.Popen(self.argv, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=pm.REPO,
-                                          start_new_session=True)
+            self.proc = Proc(self.name, subprocess.Popen(self.argv, stdout=f, stderr=subprocess.STDOUT, env=self.env,
+                                                         cwd=pm.REPO, start_new_session=True), self.log)
 
     def running(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
+        return self.proc is not None and self.proc.popen.poll() is None
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> None:
-        if self.popen is None or not self.running():
-            return
-        self.popen.send_signal(sig)
-        try:
-            self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc:
+            self.proc.stop(sig)
 
     def restart(self, sig: int = signal.SIGTERM) -> None:
         self.stop(sig)
         self.start()
 
     def text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+        return self.proc.text() if self.proc else ""
 
 
 def host_args(args: list[str], env: dict[str, str], mounts: dict[str, Path]) -> list[str]:
@@ -309,20 +307,6 @@ def _run(argv: list[str], env: dict[str, str], what: str, timeout: float = 240) 
     return r.stdout
 
 
-def _probe_ready(sock: Path) -> bool:
-    import grpc
-
-    from csi_driver.proto_gen import csi_pb2, csi_pb2_grpc
-
-    if not sock.exists():
-        return False
-    with grpc.insecure_channel(f"unix://{sock}") as ch:
-        try:
-            return bool(csi_pb2_grpc.IdentityStub(ch).Probe(csi_pb2.ProbeRequest(), timeout=5).ready.value)
-        except grpc.RpcError:
-            return False
-
-
 def _wait_ready(pods: ChartPods, name: str, ready: Any) -> None:
     c = pods.containers[name]
 
@@ -366,9 +350,9 @@ def _start_chart_pods(pods: ChartPods, driver_state: Path) -> tuple[Path, Path]:
     sock = pods.volumes[CONTROLLER_POD]["socket-dir"] / "csi.sock"
     ready = {f"{NODE_POD}/fuse-keeper": lambda: (driver_state / "fuse-keeper.sock").exists(),
              f"{NODE_POD}/engine": lambda: (driver_state / "engine.sock").exists(),
-             f"{NODE_POD}/csi-flashcopy": lambda: _probe_ready(node_sock),
+             f"{NODE_POD}/csi-flashcopy": lambda: probe_ready(node_sock),
              # Probe is ready once the controller has found the node's engine through its Lease
-             f"{CONTROLLER_POD}/csi-flashcopy": lambda: _probe_ready(sock)}
+             f"{CONTROLLER_POD}/csi-flashcopy": lambda: probe_ready(sock)}
     assert set(ready) <= set(node + ctl), f"the chart's pods changed: {node + ctl}"
     for names in (node, ctl):  # as the kubelet does: a pod's containers all start, then become ready
         for name in names:
@@ -432,7 +416,7 @@ def running_node() -> Iterator[Env]:
                 down = subprocess.run(["bash", str(NODE_DOWN)], env=dict(env, WIPE="" if keep else "1"),
                                       capture_output=True, text=True, timeout=300)
                 left = mounts_under(node_state) if node_state.exists() else []
-                if pods is not None:
+                if pods is not None:  # before the control plane goes (and again below if node-down.sh raised)
                     pods.stop_all()
                 assert down.returncode == 0 and not left, \
                     f"node-down.sh ({down.returncode}):\n{down.stdout}\n{down.stderr}\nleft mounted: {left}"

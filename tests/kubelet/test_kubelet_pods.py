@@ -15,7 +15,6 @@ import hashlib
 import json
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,7 +32,6 @@ from tests.kubelet.node import (
     running_node,
     why_skip,
 )
-from tests.packaging import packaging_manifests as pm
 from tests.waiting import wait_for
 
 SKIP = why_skip()
@@ -109,6 +107,12 @@ def df_kib(env: Env, pod_name: str) -> int:
     """Size of /data as the Pod sees it (df -k total, KiB)."""
     line = sh(env, pod_name, "df -k /data").strip().splitlines()[-1].split()
     return int(line[1])
+
+
+def volume_of(env: Env, claim: str) -> tuple[str, str]:
+    """The bound PV's name and the driver's volume id (its CSI volume handle) of PVC `claim`."""
+    pv = env.k("get", "pvc", claim, "-o", "jsonpath={.spec.volumeName}").stdout
+    return pv, env.kubectl("get", "pv", pv, "-o", "jsonpath={.spec.csi.volumeHandle}").stdout
 
 
 def files_and_sums(env: Env, pod_name: str) -> str:
@@ -323,8 +327,7 @@ def test_force_deleted_pod_and_its_claim_leave_nothing(env: Env) -> None:
     has cleaned up the volume must be gone everywhere."""
     running(env, pvc("forced", "64Mi"), pod("forced-pod", "forced"))
     sh(env, "forced-pod", "echo x > /data/f && sync")
-    pv_name = env.k("get", "pvc", "forced", "-o", "jsonpath={.spec.volumeName}").stdout
-    vid = env.kubectl("get", "pv", pv_name, "-o", "jsonpath={.spec.csi.volumeHandle}").stdout
+    pv_name, vid = volume_of(env, "forced")
     assert _volume_leftovers(env, pv_name, vid)  # staged, published, exported
     env.k("delete", "pod", "forced-pod", "--force", "--grace-period=0")
     env.k("delete", "pvc", "forced", "--wait", "--timeout=60s")
@@ -349,8 +352,7 @@ def test_delete_volume_of_a_staged_volume_is_refused(env: Env) -> None:
     running(env, pvc("in-use", "64Mi"), pod("in-use-pod", "in-use"))
     try:
         sh(env, "in-use-pod", "echo before > /data/f && sync")
-        pv_name = env.k("get", "pvc", "in-use", "-o", "jsonpath={.spec.volumeName}").stdout
-        vid = env.kubectl("get", "pv", pv_name, "-o", "jsonpath={.spec.csi.volumeHandle}").stdout
+        _, vid = volume_of(env, "in-use")
         with grpc.insecure_channel(f"unix://{env.sock}") as ch:
             try:
                 csi_pb2_grpc.ControllerStub(ch).DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vid), timeout=30)
@@ -462,7 +464,7 @@ def _published_at(env: Env, pod_name: str, claim: str) -> str:
     volume has two, the CSI publish target .../volumeDevices/publish/<pv>/<uid> and the kubelet's own bind
     mount of the device; the former)."""
     uid = env.k("get", "pod", pod_name, "-o", "jsonpath={.metadata.uid}").stdout
-    pv = env.k("get", "pvc", claim, "-o", "jsonpath={.spec.volumeName}").stdout
+    pv, _ = volume_of(env, claim)
     paths = {m.rsplit(" (", 1)[0] for m in mounts_under(env.kubelet_root) if uid in m and pv in m}
     (path,) = [p for p in paths if "/publish/" in p] if len(paths) > 1 else paths
     return path
@@ -475,8 +477,7 @@ def _node_stats(env: Env, claim: str, path: str) -> Any:
 
     from csi_driver.proto_gen import csi_pb2, csi_pb2_grpc
 
-    pv = env.k("get", "pvc", claim, "-o", "jsonpath={.spec.volumeName}").stdout
-    vid = env.kubectl("get", "pv", pv, "-o", "jsonpath={.spec.csi.volumeHandle}").stdout
+    _, vid = volume_of(env, claim)
     with grpc.insecure_channel(f"unix://{env.node_sock}") as ch:
         return csi_pb2_grpc.NodeStub(ch).NodeGetVolumeStats(
             csi_pb2.NodeGetVolumeStatsRequest(volume_id=vid, volume_path=path), timeout=30)
@@ -509,7 +510,7 @@ def test_node_plugin_restart_under_writing_pods(env: Env) -> None:
     lines = sh(env, "plugin-restart-fs", "cat /data/log").split()
     assert lines[:-1] == [str(i) for i in range(len(lines) - 1)] and len(lines) > before + 50
     assert env.k("get", "pod", "plugin-restart-fs", "-o", "jsonpath={.status.phase}").stdout == "Running"
-    pvs = [env.k("get", "pvc", n, "-o", "jsonpath={.spec.volumeName}").stdout for n in ("plugin-fs", "plugin-late")]
+    pvs = [volume_of(env, n)[0] for n in ("plugin-fs", "plugin-late")]
     env.k("delete", "pod", "plugin-restart-fs", "plugin-late-pod", "--wait", f"--timeout={WAIT}")
     env.k("delete", "pvc", "plugin-fs", "plugin-late", "--wait", f"--timeout={WAIT}")
     wait_for(lambda: not [m for m in mounts_under(env.kubelet_root) if any(pv in m for pv in pvs)], timeout=60,
@@ -553,8 +554,7 @@ def test_volume_health_when_the_engine_dies_and_recovers(env: Env) -> None:
 
 def _cli(env: Env, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """The csi-flashcopy CLI as an operator runs it, with the admin kubeconfig."""
-    r = subprocess.run([sys.executable, "-m", "csi_driver", *args], capture_output=True, text=True, timeout=300,
-                       env=dict(env.cluster.env), cwd=pm.REPO)
+    r = env.cluster.cli(*args, timeout=300)
     if check:
         assert r.returncode == 0, f"csi-flashcopy {' '.join(args)}: {r.returncode}\n{r.stdout}\n{r.stderr}"
     return r
