@@ -139,7 +139,6 @@ class Run:
     report: Report
     returncode: int
     log: Path
-    took: float
 
     def of(self, text: str) -> Report:
         """The specs of one pattern (its spec-name text)."""
@@ -171,10 +170,10 @@ def run_suite(s: Suite, name: str, focus: str, *, testdriver: Path = TESTDRIVER,
     for n, _ in rep.failed:
         print(f"  FAILED  {n}")
     assert rep.passed or rep.failed or rep.skipped, f"focus {focus!r} matched no spec:\n{text[-2000:]}"
-    return Run(rep, r.returncode, report / "e2e.log", took)
+    return Run(rep, r.returncode, report / "e2e.log")
 
 
-def check(s: Suite, run: Run, text: str) -> Report:
+def check(s: Suite, run: Run, text: str) -> None:
     """No spec of the pattern failed and at least one passed."""
     rep = run.of(text)
     if rep.failed:
@@ -183,7 +182,11 @@ def check(s: Suite, run: Run, text: str) -> Report:
         pytest.fail(f"{len(rep.failed)} e2e spec(s) of {text!r} failed ({rep.counts()}):\n{details}\n"
                     f"--- csi-flashcopy node plugin:\n{driver}")
     assert rep.passed, f"no spec of {text!r} ran ({rep.counts()}; log {run.log})"
-    return rep
+
+
+def exited_clean(run: Run) -> None:
+    """e2e.test itself ended 0 when no spec failed (no suite-level failure such as a leaked namespace)."""
+    assert run.returncode == 0 or run.report.failed, f"e2e.test exited {run.returncode} with no failed spec: {run.log}"
 
 
 # The patterns CI runs, in one e2e.test run: (test id, text of the suite's spec names, SKIP regex added to the
@@ -222,8 +225,7 @@ def test_e2e_pattern(suite: Suite, ci_run: Run, name: str, text: str) -> None:
 
 
 def test_e2e_run_exit_status(ci_run: Run) -> None:
-    """e2e.test itself ends 0 (no spec failed, no suite-level failure such as a leaked namespace)."""
-    assert ci_run.returncode == 0 or ci_run.report.failed, f"e2e.test exited {ci_run.returncode}: {ci_run.log}"
+    exited_clean(ci_run)
 
 
 def test_e2e_volume_expand_xfs(suite: Suite) -> None:
@@ -231,6 +233,7 @@ def test_e2e_volume_expand_xfs(suite: Suite) -> None:
     xfs_growfs needs no CAP_SYS_RESOURCE."""
     run = run_suite(suite, "volume-expand-xfs", re.escape(EXPAND), testdriver=suite.xfs_driver)
     check(suite, run, EXPAND)
+    exited_clean(run)
 
 
 @pytest.mark.skipif(not has_cap_sys_resource(),
@@ -239,6 +242,7 @@ def test_e2e_volume_expand_xfs(suite: Suite) -> None:
 def test_e2e_volume_expand_ext4(suite: Suite) -> None:
     run = run_suite(suite, "volume-expand-ext4", re.escape(EXPAND))
     check(suite, run, EXPAND)
+    exited_clean(run)
 
 
 @pytest.mark.skipif(not os.environ.get("CSI_FLASHCOPY_E2E_FULL"),
@@ -247,3 +251,4 @@ def test_e2e_full_suite(suite: Suite) -> None:
     """Every non-disruptive spec of the External Storage suite for the driver (minus BASE_SKIP)."""
     run = run_suite(suite, "full", "", skip="|".join([BASE_SKIP, *EXT4_ONLINE_EXPANSION]), timeout=3 * 3600)
     check(suite, run, "")
+    exited_clean(run)
