@@ -138,7 +138,9 @@ def csi_snapshot(v: Volume) -> csi_pb2.Snapshot:
         snapshot_id=v.id,
         source_volume_id=v.attrs.get(SOURCE_VOLUME, ""),
         creation_time=timestamp(v.created_at),
-        ready_to_use=True,  # a started mapping: the copy reads correctly at once
+        # a started mapping reads correctly at once; one whose copy stopped (out of space, forced) or whose
+        # source broke has lost data it would read through: not usable
+        ready_to_use=not v.condition,
         group_snapshot_id=v.attrs.get(GROUP, ""),
     )
 

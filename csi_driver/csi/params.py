@@ -82,10 +82,10 @@ def _own(params: Mapping[str, str], field: str, allowed: tuple[str, ...],
 
 
 def _rate(field: str, key: str, value: str) -> int:
-    try:
-        rate = int(value.strip(), 10)
-    except ValueError:
-        raise invalid(f"{field}[{key}]", f"must be an integer {RATE_MIN}-{RATE_MAX}, got {value!r}") from None
+    # ASCII digits only: int() would also take spaces, a sign, "_" and any Unicode digit ("\uff15\uff10")
+    if not (value.isascii() and value.isdigit()) or len(value) > 3:
+        raise invalid(f"{field}[{key}]", f"must be an integer {RATE_MIN}-{RATE_MAX}, got {value[:40]!r}")
+    rate = int(value, 10)
     if not valid_rate(rate):
         raise invalid(f"{field}[{key}]", f"must be {RATE_MIN}-{RATE_MAX}, got {rate}")
     return rate

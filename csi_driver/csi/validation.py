@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from csi_driver.csi.errors import invalid
+from csi_driver.csi.errors import invalid, out_of_range
 from csi_driver.csi.settings import Settings
-from csi_driver.engine.model import ID_PATTERN, has_control_chars, valid_id
+from csi_driver.engine.model import ID_PATTERN, MAX_VOLUME_SIZE, has_control_chars, valid_id
 from csi_driver.proto_gen import csi_pb2
 
 MAX_NAME_BYTES = 128  # the CSI spec's string size limit
@@ -45,6 +45,9 @@ def capacity_range(cr: csi_pb2.CapacityRange, field: str = "capacity_range") -> 
         raise invalid(f"{field}.limit_bytes", "must not be negative")
     if limit and required > limit:
         raise invalid(field, f"required_bytes {required} exceeds limit_bytes {limit}")
+    if required > MAX_VOLUME_SIZE:  # a well-formed size no volume can have (CSI: OUT_OF_RANGE)
+        raise out_of_range(f"{field}.required_bytes {required} is more than the largest volume "
+                           f"({MAX_VOLUME_SIZE} bytes)")
     return required, limit
 
 

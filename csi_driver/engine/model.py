@@ -59,6 +59,8 @@ _ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01234
 #: engine object names (the CSI layer stores longer names under a derived engine name)
 MAX_NAME = 256
 RATE_MIN, RATE_MAX = 0, 150
+#: the largest volume: off_t's range rounded down to 1 MiB, so rounding up to any grain cannot overflow it
+MAX_VOLUME_SIZE = (2**63 - 1) // MiB * MiB
 #: how a grain size may be spelled in StorageClass parameters
 GRAIN_SPELLINGS: dict[str, int] = {
     spelling: size for size in GRAIN_SIZES for spelling in (f"{size // KiB}Ki", f"{size // KiB}KiB", str(size))

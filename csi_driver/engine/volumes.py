@@ -11,6 +11,7 @@ from csi_driver.engine.cascade import Cascade
 from csi_driver.engine.model import (
     DEFAULT_GRAIN,
     GRAIN_SIZES,
+    MAX_VOLUME_SIZE,
     GroupInfo,
     MappingInfo,
     MappingState,
@@ -30,6 +31,8 @@ class Volumes(Cascade):
             raise errors.InvalidArgument(f"grain size must be one of {GRAIN_SIZES}, got {grain}")
         if not isinstance(size, int) or size <= 0:
             raise errors.InvalidArgument(f"size must be a positive integer, got {size!r}")
+        if size > MAX_VOLUME_SIZE:  # a file offset cannot reach it (ftruncate would overflow)
+            raise errors.OutOfRange(f"size {size} is more than the largest volume ({MAX_VOLUME_SIZE} bytes)")
         if self.find_volume(name) is not None:
             raise errors.AlreadyExists(f"a volume named {name!r} exists")
         if volume_id is None:
@@ -106,6 +109,8 @@ class Volumes(Cascade):
             v = self._vol(volume_id)
             if not isinstance(new_size, int) or new_size <= 0:
                 raise errors.InvalidArgument(f"size must be a positive integer, got {new_size!r}")
+            if new_size > MAX_VOLUME_SIZE:
+                raise errors.OutOfRange(f"size {new_size} is more than the largest volume ({MAX_VOLUME_SIZE} bytes)")
             new_size = -(-new_size // v.grain) * v.grain
             if new_size < v.size:
                 raise errors.OutOfRange(f"volume {volume_id} is {v.size} bytes; shrinking is not supported")

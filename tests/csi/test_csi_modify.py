@@ -59,10 +59,11 @@ def error(fn: Callable[..., object], *args: object) -> tuple[grpc.StatusCode, st
 
 def test_parse_mutable_params_shares_the_storage_class_rules() -> None:
     assert parse_mutable_params({}) == MutableParams() and not MutableParams()
-    assert parse_mutable_params({"copyRate": " 150", "cleanRate": "0"}) == MutableParams(150, 0)
+    assert parse_mutable_params({"copyRate": "150", "cleanRate": "0"}) == MutableParams(150, 0)
     assert parse_mutable_params({"csi.storage.k8s.io/pvc/name": "x", "copyRate": "7"}) == MutableParams(7, None)
     for params, message in (
         ({"copyRate": "151"}, "mutable_parameters[copyRate]: must be 0-150, got 151"),
+        ({"copyRate": " 150"}, "mutable_parameters[copyRate]: must be an integer 0-150, got ' 150'"),
         ({"cleanRate": "fast"}, "mutable_parameters[cleanRate]: must be an integer 0-150, got 'fast'"),
         ({"grainSize": "64Ki"}, "mutable_parameters[grainSize]: immutable"),
         ({"iops": "5"}, "mutable_parameters[iops]: unknown parameter (supported: copyRate, cleanRate)"),
@@ -100,7 +101,7 @@ def test_modify_volume_errors(inproc: InProc) -> None:  # noqa: F811
     code, details = error(ctl.ControllerModifyVolume, req(volume_id=vid, mutable_parameters={"grainSize": "64Ki"}))
     assert code == C.INVALID_ARGUMENT and "mutable_parameters[grainSize]: immutable" in details
     code, details = error(ctl.ControllerModifyVolume, req(volume_id=vid, mutable_parameters={"copyRate": "-1"}))
-    assert code == C.INVALID_ARGUMENT and "mutable_parameters[copyRate]: must be 0-150, got -1" in details
+    assert code == C.INVALID_ARGUMENT and "mutable_parameters[copyRate]: must be an integer 0-150, got '-1'" in details
     # a volume that is no copy target: accepted, nothing to change; empty parameters too
     modify(ip, vid, copyRate="100", cleanRate="20")
     modify(ip, vid)
