@@ -223,16 +223,23 @@ def test_list_loops_reads_sysfs(sysfs: Path) -> None:
                                        privileged.LoopInfo("/dev/loop7", "/data/vol-2", False, True)]
 
 
-def test_attach_reuses_or_attaches(tmp_path: Path) -> None:
-    listing = '{"loopdevices": [{"name": "/dev/loop5", "back-file": "/data/f"}]}'
-    fake = FakeRunner({"losetup": (0, listing, "")})
-    assert privileged.attach_loop("/data/f", runner=fake) == "/dev/loop5"
-    assert fake.calls == [(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE", "-j", "/data/f"],
-                           privileged.LOSETUP_TIMEOUT, (0, loop.LOSETUP_NONE_FOUND))]
+def test_loops_for_reads_sysfs_and_skips_unlinked_files(sysfs: Path) -> None:
+    assert privileged.loops_for("/data/vol 1") == ["/dev/loop3"]
+    assert privileged.loops_for("/data/./vol-2") == ["/dev/loop7"]
+    assert privileged.loops_for("/data/vol") == []
+    # a device on a file unlinked since backs another file than the one the name gives now
+    (sysfs / "loop3" / "loop" / "backing_file").write_text("/data/vol 1 (deleted)\n")
+    assert privileged.loops_for("/data/vol 1") == []
+
+
+def test_attach_reuses_or_attaches(sysfs: Path) -> None:
+    fake = FakeRunner({"losetup": (1, "", "should not run")})
+    assert privileged.attach_loop("/data/vol-2", runner=fake) == "/dev/loop7"
+    assert fake.calls == []  # found in sysfs: no command asks every device
     fake = FakeRunner({"losetup": lambda argv: (0, "/dev/loop9\n", "") if "--find" in argv else (1, "", "")})
     assert privileged.attach_loop("/data/f", read_only=True, runner=fake) == "/dev/loop9"
-    assert fake.argvs[1] == ["losetup", "--find", "--show", "--direct-io=on", "--read-only", "/data/f"]
-    assert fake.calls[1][1] == privileged.LOSETUP_TIMEOUT
+    assert fake.argvs == [["losetup", "--find", "--show", "--direct-io=on", "--read-only", "/data/f"]]
+    assert fake.calls[0][1] == privileged.LOSETUP_TIMEOUT
     fake = FakeRunner({"losetup": (0, "something odd\n", "")})
     with pytest.raises(privileged.CommandError, match="unexpected output"):
         privileged.attach_loop("/data/f", reuse=False, direct_io=False, runner=fake)

@@ -3,7 +3,7 @@
 Every verb is narrow (attach a loop device, mount, freeze...) and runs its commands through one injectable
 Runner (runner.py: no shell, LC_ALL=C, own process group killed at the verb's timeout, stdin input, stderr in the
 error); each verb takes `runner=` (None: the real one) and has its timeout as a named constant. Verbs check the
-live system (/proc/self/mountinfo, losetup -j, sysfs) before and after acting, so they are idempotent and an
+live system (/proc/self/mountinfo, sysfs) before and after acting, so they are idempotent and an
 ambiguous failure is re-checked instead of guessed. Errors (errors.py) are engine errors with their gRPC status:
 a timeout is DEADLINE_EXCEEDED, a busy device, a missing tool or a device that already holds a filesystem
 FAILED_PRECONDITION, anything else INTERNAL.

@@ -1,9 +1,14 @@
-"""Loop devices: attach (atomically, `losetup --find --show`), detach, list (from sysfs), refresh capacity."""
+"""Loop devices: attach (atomically, `losetup --find --show`), detach, list and find (from sysfs), refresh capacity.
+
+Nothing here asks every loop device anything: `losetup -j`/`-a` query each device's status, which stats its
+backing file, and that blocks for as long as the file's FUSE export is paused (an engine restart under the FUSE
+keeper), so one paused device would stall every stage on the node. sysfs names each backing file without
+touching it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 
@@ -13,8 +18,6 @@ from csi_driver.datapath.privileged.runner import Runner, run_busy_from_stderr
 LOSETUP_TIMEOUT = 60.0
 #: sysfs block directory (a module global, so tests can point it at a fake tree)
 SYS_BLOCK = "/sys/block"
-#: losetup(8) -j: exit 1 = no loop device uses the file
-LOSETUP_NONE_FOUND = 1
 DEVICE_NODE_WAIT = 1.0  # without udev (containers) the device node losetup made may appear a moment later
 DETACH_RETRY_SECONDS = 5.0  # the kernel may hold a just-released device briefly
 AUTOCLEAR_WAIT = 1.0  # losetup -d on a busy device only sets autoclear: the backing file goes on release
@@ -58,13 +61,16 @@ def _attached(name: str) -> bool:
     return os.path.exists(f"{SYS_BLOCK}/{name}/loop/backing_file")
 
 
-def loops_for(path: str, *, runner: Runner | None = None) -> list[str]:
-    """Loop devices whose backing file is path (losetup -j)."""
-    res = run_busy_from_stderr(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE", "-j", path],
-                               timeout=LOSETUP_TIMEOUT, ok_codes=(0, LOSETUP_NONE_FOUND), runner=runner)
-    if not res.stdout.strip():
-        return []
-    return [d["name"] for d in json.loads(res.stdout).get("loopdevices", [])]
+def loops_for(path: str) -> list[str]:
+    """Loop devices whose backing file is path (losetup -j, read from sysfs instead).
+
+    Never blocks on a device whose backing file sits on a paused FUSE export. sysfs prints the whole path
+    (d_path into a page), so names are compared in full; a symlinked path is not resolved (callers pass the
+    names they attach with). A device whose file was unlinked since (sysfs appends " (deleted)") backs some
+    other file than the one path names now, as for losetup -j, which compares inodes: not returned.
+    """
+    want = os.path.abspath(path)
+    return [lo.device for lo in list_loops() if lo.backing_file == want]
 
 
 def attach_loop(path: str, *, read_only: bool = False, direct_io: bool = True, reuse: bool = True,
@@ -74,7 +80,7 @@ def attach_loop(path: str, *, read_only: bool = False, direct_io: bool = True, r
 
     `losetup --find --show` picks and binds the device in one call, so two callers never race for one.
     """
-    existing = loops_for(path, runner=runner) if reuse else []
+    existing = loops_for(path) if reuse else []
     if existing:
         return existing[0]
     argv = ["losetup", "--find", "--show"]
