@@ -6,7 +6,8 @@ granted, and hands every other request to the engine. The engine decides, per vo
 
 B1 (read grant)   grain g may be read from v's own file: v owns g (I1) and holds no newer image of it (I5).
 B2 (write grant)  grain g may be overwritten in place with no engine work: exactly `_can_write_in_place(v, g)`
-                  (no copy-on-write due, I2/I5), every incremental mapping of v already records g durably,
+                  (no copy-on-write due, I2/I5), v owns g by a committed bit (a bypassed write needs no record
+                  in the held-write journal, J1), every incremental mapping of v already records g durably,
                   v is online and its writes are not held by a group start (I7).
 B3 (revocation)   a grant is withdrawn before anything that could make it untrue, and `Bypass.revoke` returns
                   only once no bypassing I/O of the volume is in flight; grants are only widened under the
@@ -208,7 +209,8 @@ class BypassGrants(EngineState):
         read = own
         if v.id in self._held:
             return read, 0
-        write = own
+        # J1: a bypassed write leaves no journal record, so it may only land where v owns g by a committed bit
+        write = own if v.upstream is None else own & _mask(v.bits, n, durable=True)
         for m in v.trackers:
             if m.diff is not None:
                 write &= _mask(m.diff, n, durable=True) if m.diff.n >= n else _partial(m.diff, n)
