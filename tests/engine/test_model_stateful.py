@@ -176,6 +176,14 @@ class EngineMachine(RuleBasedStateMachine):
         self.eng = Engine.open(self.dir, background=False)
         self.reopened()
 
+    @rule()
+    def takeover(self) -> None:
+        """The engine process dies (SIGKILL: no flush, no commit) and a new one takes over in the same boot, as
+        under a FUSE keeper: every write acknowledged before, flushed or not, reads back (journal.J1-J4)."""
+        self.eng.abandon()
+        self.eng = Engine.open(self.dir, background=False)
+        self.reopened()
+
     def reopened(self) -> None:
         pass
 
