@@ -55,6 +55,8 @@ FILES = {
     "tls.yaml": "tls.yaml",
     "node-daemonset.yaml": "node.yaml",
     "controller-deployment.yaml": "controller.yaml",
+    # the operations CRDs' ValidatingAdmissionPolicy (cluster-scoped, the same for every topology)
+    "admission-policy.yaml": "common/admission-policy.yaml",
     # the operations CRDs (the chart's crds/, which helm installs before the templates)
     "crds/flashcopy.csi.dev.yaml": "common/crds.yaml",
 }

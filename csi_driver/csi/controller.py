@@ -115,7 +115,9 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             else:
                 node = placement.choose_node(backend.nodes(), topology, size, self.settings)
             attrs = {o.KIND: o.KIND_VOLUME, o.NAME: name, o.PARAMS: params.canonical(), o.SOURCE: source_attr,
-                     o.NODE: node}
+                     o.NODE: node, o.MODE: o.mode_of(request.volume_capabilities)}
+            if src is not None:  # what a later refresh may bring this clone to (ops.actions.refresh)
+                attrs[o.ORIGIN] = src.attrs.get(o.SOURCE_VOLUME, "") if o.is_snapshot(src) else src.id
             vid = o.new_volume_id(node)
             if src is not None:
                 copy_rate = params.copy_rate if mutable.copy_rate is None else mutable.copy_rate
@@ -274,7 +276,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             src = get_kind(backend, src_id, o.KIND_VOLUME)
             node = placement.volume_node(src, self.settings)  # a snapshot lives on its source's node
             attrs = {o.KIND: o.KIND_SNAPSHOT, o.NAME: name, o.PARAMS: params.canonical(), o.SOURCE_VOLUME: src.id,
-                     o.NODE: node}
+                     o.NODE: node, o.MODE: src.attrs.get(o.MODE, "")}
             v = backend.snapshot(src.id, ename, copy_rate=params.copy_rate, attrs=attrs,
                                  volume_id=o.new_snapshot_id(node))
         return csi_pb2.CreateSnapshotResponse(snapshot=o.csi_snapshot(v))

@@ -103,7 +103,7 @@ class GroupControllerServicer(csi_pb2_grpc.GroupControllerServicer):
                     name=o.member_name(gid, src.id),
                     attrs={o.KIND: o.KIND_SNAPSHOT, o.PARAMS: params.canonical(), o.SOURCE_VOLUME: src.id,
                            o.GROUP: gid, o.GROUP_NAME: name, o.GROUP_SIZE: str(len(sources)),
-                           o.NODE: placement.volume_node(src, self.driver.settings)},
+                           o.NODE: placement.volume_node(src, self.driver.settings), o.MODE: src.attrs.get(o.MODE, "")},
                     volume_id=o.new_snapshot_id(placement.volume_node(src, self.driver.settings)),
                 )
                 for src in sources

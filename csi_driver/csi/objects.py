@@ -30,6 +30,13 @@ GROUP = "csi.group"  # group snapshot id of a group member snapshot
 GROUP_NAME = "csi.groupName"  # CSI name of that group snapshot
 GROUP_SIZE = "csi.groupSize"  # how many members the group snapshot has (a listing missing some is incomplete)
 NODE = "csi.node"  # node holding the volume (topology)
+#: the volume whose data a clone (or a snapshot) is a copy of: a clone of a snapshot of V, or of V itself,
+#: records V; a refresh may bring the clone only to V's data (ops.actions.refresh)
+ORIGIN = "csi.origin"
+#: how the volume was asked for: "block" | "filesystem" ("" = capabilities of both kinds, or made before
+#: this was recorded); a snapshot records its source's. A refresh or restore never changes it
+MODE = "csi.mode"
+MODE_BLOCK, MODE_FILESYSTEM = "block", "filesystem"
 
 class Kind(enum.StrEnum):
     """What an engine volume is to CSI (attrs[KIND])."""
@@ -72,6 +79,12 @@ class ContentSource:
             return csi_pb2.VolumeContentSource(
                 snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id=self.id))
         return csi_pb2.VolumeContentSource(volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id=self.id))
+
+
+def mode_of(caps: Iterable[csi_pb2.VolumeCapability]) -> str:
+    """The volume mode the capabilities ask for, "" when they mix block and mount."""
+    kinds = {MODE_BLOCK if c.WhichOneof("access_type") == "block" else MODE_FILESYSTEM for c in caps}
+    return kinds.pop() if len(kinds) == 1 else ""
 
 
 def engine_name(kind: Kind, name: str) -> str:

@@ -1,9 +1,13 @@
 """The operations in CSI terms, over any api.Backend: what each one checks before it touches data.
 
 - restore(volume, snapshot): the snapshot must be a snapshot taken of this volume (attrs csi.sourceVolume), the
-  volume a CSI volume; the Backend refuses while it is staged. Every other snapshot of the volume is kept.
-- refresh(clone, source): the clone must be a CSI volume, the source a snapshot or volume no larger than it;
-  refused while staged; only grains changed on either side are copied (the count is returned).
+  volume a CSI volume, their volume modes the same; the Backend refuses while it is staged. Every other snapshot
+  of the volume is kept.
+- refresh(clone, source): the clone must be a CSI volume made as a clone of V (a snapshot of V or V itself,
+  attrs csi.origin), the source a snapshot of that same V or V itself, no larger than the clone, of the same
+  volume mode (block / filesystem); refused while staged; only grains changed on either side are copied (the
+  count is returned). So whoever may ask for a refresh cannot overwrite an unrelated volume with any snapshot,
+  nor put block bytes (a crafted filesystem image) into a filesystem volume the node then mounts.
 - set_rates(volume, copyRate/cleanRate): the volume's running mappings change at once.
 
 Errors are engine or CSI error classes (csi_driver.status maps them to gRPC codes); `explain` turns one into the
@@ -19,6 +23,7 @@ from csi_driver.api import Backend, CopyStatus, Report, Volume
 from csi_driver.csi import objects as o
 from csi_driver.csi.errors import failed_precondition, invalid
 from csi_driver.csi.params import parse_mutable_params
+from csi_driver.engine import errors
 from csi_driver.engine.model import DEFAULT_COPY_RATE
 from csi_driver.status import status_for
 
@@ -49,10 +54,65 @@ def _volume(backend: Backend, volume_id: str, what: str) -> Volume:
     return v
 
 
-def restore(backend: Backend, volume_id: str, snapshot_id: str, *, copy_rate: int = DEFAULT_COPY_RATE
-            ) -> CopyStatus:
+def _recorded(backend: Backend, object_id: str) -> Mapping[str, str]:
+    """attrs of a volume or snapshot, also of one deleted while copies still read through it (hidden)."""
+    try:
+        return backend.get_volume(object_id).attrs
+    except errors.NotFound:
+        return next((v.attrs for v in backend.report().volumes if v.id == object_id), {})
+
+
+def origin(backend: Backend, v: Volume) -> str:
+    """The volume whose data v is a point-in-time copy of ("" = none recorded: not a copy).
+
+    A snapshot: the volume it was taken of. A clone: attrs csi.origin, or for a clone made before that was
+    recorded, what its content source (a snapshot of V, or V) or its incoming mapping's source says."""
+    if o.is_snapshot(v):
+        return v.attrs.get(o.SOURCE_VOLUME, "")
+    if v.attrs.get(o.ORIGIN):
+        return v.attrs[o.ORIGIN]
+    src = o.ContentSource.decode(v.attrs.get(o.SOURCE, ""))
+    if src is None:
+        return ""
+    if src.kind == o.Kind.VOLUME:
+        return src.id
+    found = _recorded(backend, src.id).get(o.SOURCE_VOLUME, "")
+    if found:
+        return found
+    # the first snapshot is gone (a refresh deletes snapshots no clone is made from): the mapping into the
+    # clone runs from the snapshot the last refresh brought it to, of the same volume
+    for m in backend.report().mappings:
+        if m.target_id == v.id:
+            return _recorded(backend, m.source_id).get(o.SOURCE_VOLUME, "")
+    return ""
+
+
+def _mode(backend: Backend, v: Volume, hint: str) -> str:
+    """block / filesystem as recorded at creation (a snapshot: its source's), else hint ("" = unknown)."""
+    mode = v.attrs.get(o.MODE, "")
+    taken_of = v.attrs.get(o.SOURCE_VOLUME, "") if o.is_snapshot(v) else ""
+    if not mode and taken_of:
+        mode = _recorded(backend, taken_of).get(o.MODE, "")
+    return mode or hint
+
+
+def check_modes(backend: Backend, target: Volume, source: Volume, *, target_mode: str = "",
+                source_mode: str = "") -> None:
+    """Refuse copying a block volume's bytes into a filesystem volume or back: the node would fsck and mount
+    whatever the block side wrote (a crafted filesystem image) in the host kernel. Kubernetes refuses this
+    conversion at CreateVolume; a refresh or restore must not bypass it. Modes recorded in attrs win; the
+    hints (the PVC's volumeMode, a VolumeSnapshotContent's sourceVolumeMode) stand in for objects made before
+    modes were recorded."""
+    want, have = _mode(backend, target, target_mode), _mode(backend, source, source_mode)
+    if want and have and want != have:
+        raise failed_precondition(f"{source.id} holds {have} data and {target.id} is a {want} volume: a "
+                                  f"refresh or restore never changes a volume's mode")
+
+
+def restore(backend: Backend, volume_id: str, snapshot_id: str, *, copy_rate: int = DEFAULT_COPY_RATE,
+            volume_mode: str = "", snapshot_mode: str = "") -> CopyStatus:
     """Reverse FlashCopy of snapshot_id onto volume_id, in place."""
-    _volume(backend, volume_id, "volume")
+    v = _volume(backend, volume_id, "volume")
     snap = backend.get_volume(snapshot_id)
     if not o.is_snapshot(snap):
         raise invalid("snapshot", f"{snapshot_id} is not a snapshot")
@@ -60,15 +120,32 @@ def restore(backend: Backend, volume_id: str, snapshot_id: str, *, copy_rate: in
     if taken_of != volume_id:
         raise failed_precondition(f"snapshot {snapshot_id} was taken of volume {taken_of or '(unknown)'}, not of "
                                   f"{volume_id}: a restore in place puts a volume back to one of its own snapshots")
+    check_modes(backend, v, snap, target_mode=volume_mode, source_mode=snapshot_mode)
     if snap.condition:
         raise failed_precondition(f"snapshot {snapshot_id} is not usable: {snap.condition}")
     return backend.restore_volume(volume_id, snapshot_id, copy_rate=copy_rate)
 
 
-def refresh(backend: Backend, volume_id: str, source_id: str, *, copy_rate: int = DEFAULT_COPY_RATE) -> Refreshed:
-    """Bring the clone volume_id to source_id's data, copying only what changed."""
+def refresh(backend: Backend, volume_id: str, source_id: str, *, copy_rate: int = DEFAULT_COPY_RATE,
+            volume_mode: str = "", source_mode: str = "") -> Refreshed:
+    """Bring the clone volume_id to source_id's data, copying only what changed.
+
+    volume_mode/source_mode: what the caller knows of the modes (Kubernetes objects), used only where the
+    engine's attrs record none."""
     v = _volume(backend, volume_id, "clone")
     src = backend.get_volume(source_id)
+    if not (o.is_snapshot(src) or o.is_volume(src)):
+        raise invalid("source", f"{source_id} is neither a snapshot nor a volume")
+    of = origin(backend, v)
+    if not of:
+        raise failed_precondition(f"{volume_id} is not a clone (no content source recorded): a refresh brings a "
+                                  f"clone to a newer point in time of the volume it was cloned from")
+    src_of = src.attrs.get(o.SOURCE_VOLUME, "") if o.is_snapshot(src) else src.id
+    if src_of != of:
+        what = f"a snapshot of {src_of or '(unknown)'}" if o.is_snapshot(src) else "another volume"
+        raise failed_precondition(f"{volume_id} is a clone of {of}, and {source_id} is {what}: a refresh brings "
+                                  f"a clone only to its own source's data")
+    check_modes(backend, v, src, target_mode=volume_mode, source_mode=source_mode)
     if src.condition:
         raise failed_precondition(f"{source_id} is not usable: {src.condition}")
     if src.size > v.size:

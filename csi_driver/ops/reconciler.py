@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +37,34 @@ LEASE_NAME = "csi-flashcopy-operations"
 COMPONENT = "csi-flashcopy-controller"
 WAITING_FOR_SPACE = "background copy waiting for space"
 DONE = ("Completed", "Failed")
+
+
+# A label selector as the API server parses it (k8s.io/apimachinery labels.Parse): comma-separated terms, each
+# `key`, `!key`, `key=v`, `key==v`, `key!=v`, `key in (v,...)`, `key notin (v,...)`. The CRD carries the same
+# pattern (charts/csi-flashcopy/crds), so a bad selector is refused at create; one stored before that ends Failed.
+_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+_KEY = rf"([a-z0-9]([-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_NAME}"
+_VALUE = rf"({_NAME})?"
+_TERM = (rf" *(!{_KEY}|{_KEY} *(==|=|!=) *{_VALUE}|{_KEY} +(in|notin) *\( *{_VALUE}( *, *{_VALUE})* *\)|{_KEY}) *")
+SELECTOR_PATTERN = rf"^{_TERM}(,{_TERM})*$"
+SELECTOR_MAX = 1024
+_SELECTOR = re.compile(SELECTOR_PATTERN)
+
+
+def selector_problem(selector: object) -> str | None:
+    """Why a VolumeRefresh's selector is not a label selector, or None."""
+    if not isinstance(selector, str) or not selector.strip():
+        return "a label selector is required"
+    if len(selector) > SELECTOR_MAX:
+        return f"longer than {SELECTOR_MAX} characters"
+    if not _SELECTOR.match(selector):
+        return f"{selector[:200]!r} is not a label selector (key=value, key!=value, key in (a,b), !key)"
+    return None
+
+
+def volume_mode(pvc: Any) -> str:
+    """A PVC's volumeMode as ops.actions spells it (Kubernetes' default is Filesystem)."""
+    return "block" if getattr(pvc.spec, "volume_mode", None) == "Block" else "filesystem"
 
 
 def _now() -> str:
@@ -280,6 +309,10 @@ class Operations:
         return pvc, pv.spec.csi.volume_handle
 
     def _snapshot_handle(self, ns: str, name: str) -> str:
+        return self._snapshot(ns, name)[0]
+
+    def _snapshot(self, ns: str, name: str) -> tuple[str, str]:
+        """(snapshot handle, the source's volume mode as the snapshotter recorded it, "" if not)."""
         vs = self._read(f"VolumeSnapshot {ns}/{name}", lambda: self.custom.get_namespaced_custom_object(
             SNAP_GROUP, SNAP_VERSION, ns, "volumesnapshots", name))
         st = vs.get("status") or {}
@@ -295,7 +328,8 @@ class Operations:
         handle = (vsc.get("status") or {}).get("snapshotHandle")
         if not handle:
             raise Retry(f"VolumeSnapshotContent {content} has no snapshot handle yet")
-        return str(handle)
+        mode = {"Block": "block", "Filesystem": "filesystem"}.get(vsc["spec"].get("sourceVolumeMode") or "", "")
+        return str(handle), mode
 
     # -- VolumeRestore
 
@@ -323,12 +357,13 @@ class Operations:
                 self._restored(obj, m)
                 return
         pvc, volume = self._volume_handle(ns, spec["pvcName"])
-        snapshot = self._snapshot_handle(ns, spec["snapshotName"])
+        snapshot, snap_mode = self._snapshot(ns, spec["snapshotName"])
         self._patch_status(obj, RESTORES, {"phase": "Restoring", "volumeHandle": volume, "snapshotHandle": snapshot,
                                            "startTime": _now(), "message": ""})
         try:
             m = actions.restore(self.backend, volume, snapshot,
-                                copy_rate=int(spec.get("copyRate", DEFAULT_COPY_RATE)))
+                                copy_rate=int(spec.get("copyRate", DEFAULT_COPY_RATE)),
+                                volume_mode=volume_mode(pvc), snapshot_mode=snap_mode)
         except Exception as e:
             raise Refused(actions.explain(e)) from None
         self._restored(obj, m)
@@ -351,7 +386,10 @@ class Operations:
         if phase == "Copying":
             self._refresh_progress(obj, report)
             return
-        pvcs = self.core.list_namespaced_persistent_volume_claim(ns, label_selector=spec["selector"]).items
+        why = selector_problem(spec.get("selector"))
+        if why:  # the API server would answer 400 on every poll: fail the object once instead
+            raise Refused(f"selector: {why}")
+        pvcs = self._read_pvcs(ns, spec["selector"])
         if not pvcs:
             raise Refused(f"no PVC in {ns} matches {spec['selector']}")
         snap_name = spec.get("fromSnapshot") or st.get("snapshotName") or ""
@@ -359,16 +397,17 @@ class Operations:
             snap_name = self._new_snapshot(ns, uid, pvcs, spec)
             self._patch_status(obj, REFRESHES, {"phase": "Snapshotting", "snapshotName": snap_name,
                                                 "startTime": _now(), "message": ""})
-        snapshot = self._snapshot_handle(ns, snap_name)
+        snapshot, snap_mode = self._snapshot(ns, snap_name)
         clones = []
         for pvc in sorted(pvcs, key=lambda p: p.metadata.name):
             entry: dict[str, Any] = {"pvc": pvc.metadata.name}
             ref = Ref("PersistentVolumeClaim", "v1", ns, pvc.metadata.name, pvc.metadata.uid)
             try:
-                _, volume = self._volume_handle(ns, pvc.metadata.name)
+                bound, volume = self._volume_handle(ns, pvc.metadata.name)
                 entry["volumeHandle"] = volume
                 done = actions.refresh(self.backend, volume, snapshot,
-                                       copy_rate=int(spec.get("copyRate", DEFAULT_COPY_RATE)))
+                                       copy_rate=int(spec.get("copyRate", DEFAULT_COPY_RATE)),
+                                       volume_mode=volume_mode(bound), source_mode=snap_mode)
             except (Retry, Refused) as e:
                 entry.update(phase="Failed", message=str(e))
             except Exception as e:
@@ -387,6 +426,17 @@ class Operations:
                                             "startTime": st.get("startTime") or _now()})
         self._drop_old_snapshots(ns, keep=snap_name)
         self._refresh_progress(obj, self.backend.report())
+
+    def _read_pvcs(self, ns: str, selector: str) -> list[Any]:
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            items: list[Any] = self.core.list_namespaced_persistent_volume_claim(ns, label_selector=selector).items
+            return items
+        except ApiException as e:
+            if e.status == 400:  # the API server cannot parse it: asking again will not help
+                raise Refused(f"selector {selector[:200]!r} refused by the API server: {e.reason}") from None
+            raise
 
     def _new_snapshot(self, ns: str, uid: str, pvcs: list[Any], spec: dict[str, Any]) -> str:
         sources = {(p.metadata.annotations or {}).get(SOURCE_ANNOTATION, "") for p in pvcs}

@@ -53,8 +53,8 @@ class Env(KubeObjects):
         return RemoteBackend(f"unix://{self.sock}")
 
     def pvc(self, name: str, *, source: tuple[str, str] | None = None, sc: str = "fc-ops",
-            labels: dict[str, str] | None = None) -> str:
-        return super().pvc(name, sc=sc, source=source, labels=labels)
+            labels: dict[str, str] | None = None, block: bool = False) -> str:
+        return super().pvc(name, sc=sc, source=source, labels=labels, block=block)
 
     def events(self, name: str, reason: str) -> list[dict[str, Any]]:
         items = self.api.resources.get(api_version="v1", kind="Event").get(namespace=NS).to_dict()["items"]
@@ -327,3 +327,77 @@ def test_leader_election_one_leader_and_takeover_only_after_expiry(env: Env) -> 
     assert not a.try_once()
     b.stop()  # a clean stop releases the Lease: the next replica leads at once
     assert a.try_once() and a.leading
+
+
+def _refresh_obj(env: Env, name: str, selector: str, from_snapshot: str = "") -> None:
+    spec = {"selector": selector, **({"fromSnapshot": from_snapshot} if from_snapshot else {})}
+    env.create({"apiVersion": OPS, "kind": "VolumeRefresh", "metadata": {"name": name}, "spec": spec})
+
+
+def _refused_at_admission(env: Env, name: str, selector: str) -> str:
+    """The API server's answer to a VolumeRefresh with this selector ("" = accepted)."""
+    try:
+        _refresh_obj(env, name, selector)
+    except Exception as e:  # the dynamic client's ApiException subclasses
+        assert getattr(e, "status", 0) in (400, 403, 422), e
+        return str(e)
+    return ""
+
+
+def _failed_refresh(env: Env, name: str) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        st = (env.obj(OPS, "VolumeRefresh", name) or {}).get("status") or {}
+        return st if st.get("phase") in ("Completed", "Failed") else None
+    st = wait_for(done, timeout=WAIT, interval=POLL, what=f"VolumeRefresh {name} done")
+    assert st["phase"] == "Failed", st
+    return st
+
+
+def test_refresh_overwrites_only_clones_of_the_snapshots_source_in_their_mode(env: Env) -> None:
+    """Issue 22 item 6 against real objects: an unrelated PVC is not overwritten with another PVC's snapshot, a
+    filesystem clone of a block volume is not refreshed with block bytes, a bad selector is refused at admission
+    (CRD schema) and a sweeping one by the chart's ValidatingAdmissionPolicy."""
+    payroll = env.pvc("payroll", labels={"team": "payroll"})
+    write(env, payroll, {0: block("salaries")})
+    env.pvc("web")
+    env.snapshot("web-s", "web")
+    _refresh_obj(env, "overwrite-payroll", "team=payroll", "web-s")
+    st = _failed_refresh(env, "overwrite-payroll")
+    (clone,) = st["clones"]
+    assert clone["pvc"] == "payroll" and "not a clone" in clone["message"], clone
+    assert read(env, payroll, [0]) == [block("salaries")]
+
+    # a filesystem PVC made from a block volume's snapshot (Kubernetes allows the mode change when the
+    # VolumeSnapshotContent says so); a refresh to the block volume's later bytes is refused
+    env.pvc("raw", block=True)
+    env.snapshot("raw-s1", "raw")
+    content = (env.obj(SNAP, "VolumeSnapshot", "raw-s1") or {})["status"]["boundVolumeSnapshotContentName"]
+    env.api.resources.get(api_version=SNAP, kind="VolumeSnapshotContent").patch(
+        name=content, body={"metadata": {"annotations": {
+            "snapshot.storage.kubernetes.io/allow-volume-mode-change": "true"}}},
+        content_type="application/merge-patch+json")
+    fs = env.pvc("raw-as-fs", source=("VolumeSnapshot", "raw-s1"), labels={"team": "rawfs"})
+    env.snapshot("raw-s2", "raw")
+    _refresh_obj(env, "block-into-fs", "team=rawfs", "raw-s2")
+    (clone,) = _failed_refresh(env, "block-into-fs")["clones"]
+    assert "never changes a volume's mode" in clone["message"], clone
+    assert fs
+
+    # admission: the CRD schema refuses what is no label selector
+    assert _refused_at_admission(env, "bad-selector", "team=qa=x")
+    # the chart's ValidatingAdmissionPolicy refuses a selector that names no label value
+    if pm.tool("helm") is None:
+        return
+    policy = [o for o in pm.helm_template() if o["kind"].startswith("ValidatingAdmissionPolicy")
+              and o["metadata"]["name"].endswith("-operations")]
+    assert len(policy) == 2
+    for o in sorted(policy, key=lambda o: o["kind"]):
+        env.create(o, None)
+    try:
+        why = wait_for(lambda: _refused_at_admission(env, f"sweep-{os.urandom(3).hex()}", "!nothing"),
+                       timeout=WAIT, interval=POLL, what="the admission policy in force")
+        assert "at least one label value" in why
+        assert not _refused_at_admission(env, "by-value", "team=nobody")
+    finally:
+        for o in policy:
+            env.api.resources.get(api_version=o["apiVersion"], kind=o["kind"]).delete(name=o["metadata"]["name"])

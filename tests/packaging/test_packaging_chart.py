@@ -52,6 +52,8 @@ def test_default_render_objects(renders: dict[str, list[pm.Obj]]) -> None:
         ("StorageClass", "flashcopy"),
         ("VolumeSnapshotClass", "flashcopy"),
         ("VolumeGroupSnapshotClass", "flashcopy"),
+        ("ValidatingAdmissionPolicy", "csi-flashcopy-operations"),
+        ("ValidatingAdmissionPolicyBinding", "csi-flashcopy-operations"),
     ])
     for o in objs:
         labels = o["metadata"]["labels"]
@@ -62,7 +64,8 @@ def test_default_render_objects(renders: dict[str, list[pm.Obj]]) -> None:
         assert labels["app.kubernetes.io/component"]
         assert labels["helm.sh/chart"] == "csi-flashcopy-0.1.0"
         namespaced = o["kind"] not in ("CSIDriver", "ClusterRole", "ClusterRoleBinding", "StorageClass",
-                                       "VolumeSnapshotClass", "VolumeGroupSnapshotClass")
+                                       "VolumeSnapshotClass", "VolumeGroupSnapshotClass",
+                                       "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
         assert ("namespace" in o["metadata"]) == namespaced, o["metadata"]
 
     (ds,) = pm.of_kind(objs, "DaemonSet")
