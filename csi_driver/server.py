@@ -91,7 +91,7 @@ def check_engine_mode(args: argparse.Namespace) -> None:
     if _wants_cluster(args):
         if getattr(args, "mode", "all") != "controller":
             raise ValueError("--engine cluster is the controller's (--mode controller)")
-        TlsFiles.load(getattr(args, "tls_dir", "") or "")
+        TlsFiles.load(getattr(args, "tls_dir", "") or "").check_controller()  # engines serve no other client
         if not getattr(args, "namespace", ""):
             raise ValueError("--engine cluster needs --namespace (where the engines keep their Leases)")
         return

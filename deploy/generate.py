@@ -7,9 +7,9 @@
 The chart (charts/csi-flashcopy) is the source; each kustomize directory is one topology rendered with release name
 csi-flashcopy in namespace kube-system, minus the two Helm-only labels (helm.sh/chart, app.kubernetes.io/managed-by).
 deploy/kubernetes/kustomization.yaml points at the chart's default topology. The multi-node render uses
-tls.existingSecret=csi-flashcopy-tls: a generated CA and key have no place in the repository, so the Secret is the
-installer's (docs/install.md, "Install with kustomize"). Files of deploy/kubernetes that no variant produces any more
-are removed (and listed by --check).
+tls.existingSecrets (csi-flashcopy-controller-tls, csi-flashcopy-node-tls): a generated CA and keys have no place in
+the repository, so the Secrets are the installer's (docs/install.md, "Install with kustomize"). Files of
+deploy/kubernetes that no variant produces any more are removed (and listed by --check).
 tests/packaging/test_packaging_consistency.py compares `kubectl kustomize` output with `helm template` as data.
 Needs helm on PATH (.ci/setup.d/30-k8s-tools.sh installs it).
 """
@@ -32,12 +32,13 @@ KUBE_VERSION = "1.34.0"
 # Lines only a Helm render has; everything else is byte-for-byte what helm template prints.
 HELM_ONLY = re.compile(r"^[ \t]*(helm\.sh/chart: .*|app\.kubernetes\.io/managed-by: Helm)\n", re.MULTILINE)
 
-TLS_SECRET = "csi-flashcopy-tls"
+TLS_SECRETS = {"controller": "csi-flashcopy-controller-tls", "node": "csi-flashcopy-node-tls"}
 # variant directory -> (chart values, human description)
 VARIANTS: dict[str, tuple[list[str], str]] = {
     "multi-node": (
-        ["topology=multi-node", f"tls.existingSecret={TLS_SECRET}"],
-        f"multi-node topology, the chart's default; tls.existingSecret={TLS_SECRET}",
+        ["topology=multi-node", *(f"tls.existingSecrets.{role}={name}" for role, name in TLS_SECRETS.items())],
+        "multi-node topology, the chart's default; tls.existingSecrets "
+        + ", ".join(f"{role}={name}" for role, name in TLS_SECRETS.items()),
     ),
     "single-node": (
         ["topology=single-node"],
@@ -55,6 +56,8 @@ FILES = {
     "tls.yaml": "tls.yaml",
     "node-daemonset.yaml": "node.yaml",
     "controller-deployment.yaml": "controller.yaml",
+    # who may reach a node engine (NetworkPolicy) and write its Lease (ValidatingAdmissionPolicy): multi-node only
+    "engine-access.yaml": "engine-access.yaml",
     # the operations CRDs' ValidatingAdmissionPolicy (cluster-scoped, the same for every topology)
     "admission-policy.yaml": "common/admission-policy.yaml",
     # the operations CRDs (the chart's crds/, which helm installs before the templates)

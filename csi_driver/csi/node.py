@@ -22,29 +22,19 @@ from csi_driver.csi.controller import get_kind
 from csi_driver.csi.driver import Driver
 from csi_driver.csi.errors import CsiError, failed_precondition, invalid, not_found, out_of_range
 from csi_driver.csi.validation import MODE, capacity_range, check_capability_shape, require_id, unsupported_reason
-from csi_driver.engine.model import has_control_chars
+from csi_driver.engine.model import path_problem, valid_mount_flag
 from csi_driver.proto_gen import csi_pb2, csi_pb2_grpc
 
 READ_ONLY_MODES = frozenset({MODE.SINGLE_NODE_READER_ONLY, MODE.MULTI_NODE_READER_ONLY})
-PATH_MAX = 4096
 
 
 def require_path(value: str, field: str) -> str:
-    """An absolute, normalised path that is not the root directory."""
-    if not value:
-        raise invalid(field, "required")
-    if len(value.encode()) > PATH_MAX:
-        raise invalid(field, f"longer than {PATH_MAX} bytes")
-    if has_control_chars(value):
-        raise invalid(field, "contains control characters")
-    if not value.startswith("/"):
-        raise invalid(field, f"must be an absolute path, got {value[:200]!r}")
-    if ".." in value.split("/"):
-        raise invalid(field, "must not contain '..'")
-    path = os.path.normpath(value)
-    if path == "/":
-        raise invalid(field, "must not be the root directory")
-    return path
+    """An absolute, normalised path that is not the root directory (engine.model.path_problem: the engine API
+    applies the same grammar)."""
+    why = path_problem(value)
+    if why:
+        raise invalid(field, why)
+    return os.path.normpath(value)
 
 
 def volume_path(value: str, field: str) -> str | None:
@@ -73,7 +63,7 @@ def mount_flags(cap: csi_pb2.VolumeCapability) -> list[str]:
         return []
     flags = list(cap.mount.mount_flags)
     for i, flag in enumerate(flags):
-        if not flag or has_control_chars(flag):
+        if not valid_mount_flag(flag):
             raise invalid(f"volume_capability.mount.mount_flags[{i}]", "empty or contains control characters")
     return flags
 

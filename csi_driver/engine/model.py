@@ -77,6 +77,37 @@ def has_control_chars(value: str) -> bool:
     return any(ord(c) < 0x20 or c == "\x7f" for c in value)
 
 
+#: host paths the node data path mounts, unmounts and deletes at (CSI staging/target/volume paths)
+PATH_MAX = 4096
+
+
+def path_problem(value: str) -> str | None:
+    """Why value is not a host path the node data path may act at, or None. The data path runs as root and
+    mounts, unmounts and deletes at these paths, so whoever asks (the CSI layer, the engine API) gets the same
+    answer: absolute, no '..' component, no control characters, and not the root directory in any spelling
+    ('/', '//', '/./'; POSIX leaves a leading '//' implementation-defined, so it is refused outright)."""
+    if not value:
+        return "required"
+    if len(value.encode()) > PATH_MAX:
+        return f"longer than {PATH_MAX} bytes"
+    if has_control_chars(value):
+        return "contains control characters"
+    if not value.startswith("/"):
+        return f"must be an absolute path, got {value[:200]!r}"
+    if ".." in value.split("/"):
+        return "must not contain '..'"
+    if value.startswith("//"):
+        return "must not start with '//'"
+    if all(part in ("", ".") for part in value.split("/")):
+        return "must not be the root directory"
+    return None
+
+
+def valid_mount_flag(flag: str) -> bool:
+    """A mount option as a CSI capability or the engine API carries it: non-empty, no control characters."""
+    return bool(flag) and not has_control_chars(flag)
+
+
 def valid_rate(rate: object) -> bool:
     """A FlashCopy copy or clean rate: an integer 0-150 (bools are not rates)."""
     return isinstance(rate, int) and not isinstance(rate, bool) and RATE_MIN <= rate <= RATE_MAX

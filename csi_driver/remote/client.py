@@ -51,8 +51,11 @@ class RemoteBackend:
         else:
             if tls is None:
                 raise ValueError(f"engine endpoint {endpoint!r} is TCP: it needs TLS files (--tls-dir)")
-            self._channel = grpc.secure_channel(endpoint, tls.channel_credentials(),
-                                                options=CHANNEL_OPTIONS + channel_options())
+            if not node_id:
+                raise ValueError(f"engine endpoint {endpoint!r} is TCP: it needs the node whose engine it is")
+            # the engine must present a certificate naming node_id: an address from a Lease proves nothing
+            options: list[tuple[str, int | str]] = [*CHANNEL_OPTIONS, *channel_options(node_id)]
+            self._channel = grpc.secure_channel(endpoint, tls.channel_credentials(), options=options)
         self._stub = pb_grpc.EngineStub(self._channel)
         self._closed = False
 

@@ -40,6 +40,7 @@ from csi_driver import __version__
 from csi_driver.datapath import DataPath, privileged
 from csi_driver.embedded import EmbeddedBackend
 from csi_driver.engine import Engine, errors
+from csi_driver.engine.model import path_problem, valid_id, valid_mount_flag
 from csi_driver.k8s.apiclient import ApiUnreachable, api_client
 from csi_driver.k8s.leases import LeaseKeeper
 from csi_driver.logs import configure_logging
@@ -47,6 +48,7 @@ from csi_driver.metrics import EngineCollector, RpcMetrics, new_registry, serve_
 from csi_driver.proto_gen import engine_pb2 as pb
 from csi_driver.proto_gen import engine_pb2_grpc as pb_grpc
 from csi_driver.remote import wire
+from csi_driver.remote.access import TcpAccess
 from csi_driver.remote.tls import TlsFiles
 from csi_driver.remote.wire import copy_msg, extents_msg, report_msg, stats_msg, to_item, volume_msg
 from csi_driver.sockets import bind, unix_endpoint, unix_socket_path
@@ -71,6 +73,56 @@ def _opt(msg: Any, name: str) -> str | None:
     return getattr(msg, name) if msg.HasField(name) else None
 
 
+#: request fields holding object ids (engine.model grammar: ids become file names)
+_ID_FIELDS = frozenset({"volume_id", "source_id", "snapshot_id", "base_id", "target_id"})
+#: host paths the data path acts at as root (engine.model.path_problem, the CSI layer's grammar too)
+_PATH_FIELDS = frozenset({"staging_path", "target_path", "volume_path"})
+_COUNT_FIELDS = frozenset({"size", "new_size", "grain_size", "required_bytes", "start", "limit", "watchdog_ms"})
+MAX_ATTRS = 32  # the CSI layer writes 10 at most
+MAX_ATTR_KEY = 256
+MAX_ATTR_VALUE = 4096
+MAX_MOUNT_FLAGS = 64
+MAX_ITEMS = 1024  # members of one group snapshot
+
+
+def check_request(msg: Any, where: str = "") -> None:
+    """The checks the CSI layer makes, made again for whoever calls the engine API (errors.InvalidArgument naming
+    the field): ids, host paths, counts, attrs and mount flags, nested group items included."""
+    for fd in msg.DESCRIPTOR.fields:
+        name, field = fd.name, f"{where}{fd.name}"
+        if fd.has_presence and fd.type != fd.TYPE_MESSAGE and not msg.HasField(name):
+            continue  # an optional id left out: the engine picks one
+        value = getattr(msg, name)
+        if name in _ID_FIELDS and not valid_id(value):
+            raise errors.InvalidArgument(f"{field}: malformed id {value[:140]!r}")
+        if name in _PATH_FIELDS and (why := path_problem(value)):
+            raise errors.InvalidArgument(f"{field}: {why}")
+        if name in _COUNT_FIELDS and value < 0:
+            raise errors.InvalidArgument(f"{field}: must not be negative, got {value}")
+        if name == "attrs":
+            _check_attrs(value, field)
+        if name == "mount_flags":
+            if len(value) > MAX_MOUNT_FLAGS:
+                raise errors.InvalidArgument(f"{field}: more than {MAX_MOUNT_FLAGS}")
+            for i, flag in enumerate(value):
+                if not valid_mount_flag(flag) or len(flag) > MAX_ATTR_VALUE:
+                    raise errors.InvalidArgument(f"{field}[{i}]: empty, too long or with control characters")
+        if name == "items":
+            if len(value) > MAX_ITEMS:
+                raise errors.InvalidArgument(f"{field}: more than {MAX_ITEMS}")
+            for i, item in enumerate(value):
+                check_request(item, f"{field}[{i}].")
+
+
+def _check_attrs(attrs: Any, field: str) -> None:
+    if len(attrs) > MAX_ATTRS:
+        raise errors.InvalidArgument(f"{field}: more than {MAX_ATTRS} entries")
+    for k, v in attrs.items():
+        if not k or len(k.encode()) > MAX_ATTR_KEY or len(v.encode()) > MAX_ATTR_VALUE:
+            raise errors.InvalidArgument(f"{field}: key {k[:60]!r} empty or longer than {MAX_ATTR_KEY} bytes, or "
+                                         f"its value longer than {MAX_ATTR_VALUE} bytes")
+
+
 class EngineService(pb_grpc.EngineServicer):
     """engine.proto over an EmbeddedBackend and its started node side (DataPath): its snapshots freeze the
     sources staged on this node. Errors leave as status code + class name."""
@@ -82,9 +134,10 @@ class EngineService(pb_grpc.EngineServicer):
         self.state_dir = state_dir
         self.metrics = metrics  # flashcopy_engine_rpc_duration_seconds
 
-    def _do(self, context: grpc.ServicerContext, method: str, fn: Callable[[], T]) -> T:
+    def _do(self, context: grpc.ServicerContext, method: str, request: Any, fn: Callable[[], T]) -> T:
         t0 = time.monotonic()
         try:
+            check_request(request)  # on the unix socket too: the same answers whoever calls
             result = fn()
         except Exception as e:
             st = wire.encode(e)
@@ -107,43 +160,44 @@ class EngineService(pb_grpc.EngineServicer):
         return pb.PingResponse(pid=os.getpid(), version=__version__, state_dir=self.state_dir)
 
     def Capacity(self, request: pb.CapacityRequest, context: grpc.ServicerContext) -> pb.CapacityResponse:
-        total, free = self._do(context, "Capacity", self.b.capacity)
+        total, free = self._do(context, "Capacity", request, self.b.capacity)
         return pb.CapacityResponse(total_bytes=total, free_bytes=free)
 
     def CreateVolume(self, request: pb.CreateVolumeRequest, context: grpc.ServicerContext) -> pb.VolumeResponse:
-        v = self._do(context, "CreateVolume", lambda: self.b.create_volume(
+        v = self._do(context, "CreateVolume", request, lambda: self.b.create_volume(
             request.name, request.size, grain_size=request.grain_size, attrs=dict(request.attrs),
             volume_id=_opt(request, "volume_id")))
         return pb.VolumeResponse(volume=volume_msg(v))
 
     def GetVolume(self, request: pb.GetVolumeRequest, context: grpc.ServicerContext) -> pb.VolumeResponse:
-        v = self._do(context, "GetVolume", lambda: self.b.get_volume(request.volume_id))
+        v = self._do(context, "GetVolume", request, lambda: self.b.get_volume(request.volume_id))
         return pb.VolumeResponse(volume=volume_msg(v))
 
     def FindVolume(self, request: pb.FindVolumeRequest, context: grpc.ServicerContext) -> pb.FindVolumeResponse:
-        v = self._do(context, "FindVolume", lambda: self.b.find_volume(request.name))
+        v = self._do(context, "FindVolume", request, lambda: self.b.find_volume(request.name))
         return pb.FindVolumeResponse(volume=volume_msg(v)) if v is not None else pb.FindVolumeResponse()
 
     def FindVolumes(self, request: pb.FindVolumesRequest, context: grpc.ServicerContext) -> pb.VolumesResponse:
-        vs = self._do(context, "FindVolumes", lambda: self.b.find_volumes(dict(request.attrs)))
+        vs = self._do(context, "FindVolumes", request, lambda: self.b.find_volumes(dict(request.attrs)))
         return pb.VolumesResponse(volumes=[volume_msg(v) for v in vs])
 
     def DeleteVolume(self, request: pb.DeleteVolumeRequest, context: grpc.ServicerContext) -> pb.Empty:
-        self._do(context, "DeleteVolume", lambda: self.b.delete_volume(request.volume_id))
+        self._do(context, "DeleteVolume", request, lambda: self.b.delete_volume(request.volume_id))
         return pb.Empty()
 
     def ResizeVolume(self, request: pb.ResizeVolumeRequest, context: grpc.ServicerContext) -> pb.VolumeResponse:
-        v = self._do(context, "ResizeVolume", lambda: self.b.resize_volume(request.volume_id, request.new_size))
+        v = self._do(context, "ResizeVolume", request,
+                     lambda: self.b.resize_volume(request.volume_id, request.new_size))
         return pb.VolumeResponse(volume=volume_msg(v))
 
     def Snapshot(self, request: pb.SnapshotRequest, context: grpc.ServicerContext) -> pb.VolumeResponse:
-        v = self._do(context, "Snapshot", lambda: self.b.snapshot(
+        v = self._do(context, "Snapshot", request, lambda: self.b.snapshot(
             request.source_id, request.name, copy_rate=request.copy_rate, attrs=dict(request.attrs),
             volume_id=_opt(request, "volume_id")))
         return pb.VolumeResponse(volume=volume_msg(v))
 
     def Clone(self, request: pb.CloneRequest, context: grpc.ServicerContext) -> pb.VolumeResponse:
-        v = self._do(context, "Clone", lambda: self.b.clone(
+        v = self._do(context, "Clone", request, lambda: self.b.clone(
             request.source_id, request.name, size=request.size, copy_rate=request.copy_rate,
             clean_rate=request.clean_rate, attrs=dict(request.attrs), volume_id=_opt(request, "volume_id")))
         return pb.VolumeResponse(volume=volume_msg(v))
@@ -151,91 +205,92 @@ class EngineService(pb_grpc.EngineServicer):
     def SnapshotGroup(self, request: pb.SnapshotGroupRequest, context: grpc.ServicerContext
                       ) -> pb.VolumesResponse:
         items = [to_item(it) for it in request.items]
-        vs = self._do(context, "SnapshotGroup", lambda: self.b.snapshot_group(
+        vs = self._do(context, "SnapshotGroup", request, lambda: self.b.snapshot_group(
             request.group_name, items, copy_rate=request.copy_rate))
         return pb.VolumesResponse(volumes=[volume_msg(v) for v in vs])
 
     def DeleteGroup(self, request: pb.DeleteGroupRequest, context: grpc.ServicerContext) -> pb.Empty:
-        self._do(context, "DeleteGroup", lambda: self.b.delete_group(request.group_name))
+        self._do(context, "DeleteGroup", request, lambda: self.b.delete_group(request.group_name))
         return pb.Empty()
 
     def Report(self, request: pb.ReportRequest, context: grpc.ServicerContext) -> pb.ReportResponse:
-        return report_msg(self._do(context, "Report", self.b.report))
+        return report_msg(self._do(context, "Report", request, self.b.report))
 
     def ModifyCopies(self, request: pb.ModifyCopiesRequest, context: grpc.ServicerContext) -> pb.CopiesResponse:
-        changed = self._do(context, "ModifyCopies", lambda: self.b.modify_copies(
+        changed = self._do(context, "ModifyCopies", request, lambda: self.b.modify_copies(
             request.volume_id, copy_rate=request.copy_rate if request.HasField("copy_rate") else None,
             clean_rate=request.clean_rate if request.HasField("clean_rate") else None))
         return pb.CopiesResponse(mappings=[copy_msg(c) for c in changed])
 
     def RestoreVolume(self, request: pb.RestoreVolumeRequest, context: grpc.ServicerContext) -> pb.CopyResponse:
-        c = self._do(context, "RestoreVolume", lambda: self.b.restore_volume(
+        c = self._do(context, "RestoreVolume", request, lambda: self.b.restore_volume(
             request.volume_id, request.snapshot_id, copy_rate=request.copy_rate))
         return pb.CopyResponse(mapping=copy_msg(c))
 
     def RefreshVolume(self, request: pb.RefreshVolumeRequest, context: grpc.ServicerContext
                       ) -> pb.RefreshVolumeResponse:
-        c, grains = self._do(context, "RefreshVolume", lambda: self.b.refresh_volume(
+        c, grains = self._do(context, "RefreshVolume", request, lambda: self.b.refresh_volume(
             request.volume_id, request.source_id, copy_rate=request.copy_rate))
         return pb.RefreshVolumeResponse(mapping=copy_msg(c), grains_to_copy=grains)
 
     def AllocatedExtents(self, request: pb.AllocatedExtentsRequest,
                          context: grpc.ServicerContext) -> pb.ExtentsResponse:
-        p = self._do(context, "AllocatedExtents", lambda: self.b.allocated_extents(
+        p = self._do(context, "AllocatedExtents", request, lambda: self.b.allocated_extents(
             request.volume_id, start=request.start, limit=request.limit))
         return extents_msg(p)
 
     def DeltaExtents(self, request: pb.DeltaExtentsRequest, context: grpc.ServicerContext) -> pb.ExtentsResponse:
-        p = self._do(context, "DeltaExtents", lambda: self.b.delta_extents(
+        p = self._do(context, "DeltaExtents", request, lambda: self.b.delta_extents(
             request.base_id, request.target_id, start=request.start, limit=request.limit))
         return extents_msg(p)
 
     def PrepareGroup(self, request: pb.PrepareGroupRequest, context: grpc.ServicerContext) -> pb.Empty:
         items = [to_item(it) for it in request.items]
         watchdog = request.watchdog_ms / 1000 if request.watchdog_ms > 0 else WATCHDOG_SECONDS
-        self._do(context, "PrepareGroup", lambda: self.b.prepare_group(
+        self._do(context, "PrepareGroup", request, lambda: self.b.prepare_group(
             request.group_name, items, copy_rate=request.copy_rate, watchdog=min(watchdog, MAX_WATCHDOG_SECONDS)))
         return pb.Empty()
 
     def StartGroup(self, request: pb.GroupPhaseRequest, context: grpc.ServicerContext) -> pb.VolumesResponse:
-        vs = self._do(context, "StartGroup", lambda: self.b.start_group(request.group_name))
+        vs = self._do(context, "StartGroup", request, lambda: self.b.start_group(request.group_name))
         return pb.VolumesResponse(volumes=[volume_msg(v) for v in vs])
 
     def ReleaseGroup(self, request: pb.ReleaseGroupRequest, context: grpc.ServicerContext
                      ) -> pb.ReleaseGroupResponse:
-        held = self._do(context, "ReleaseGroup", lambda: self.b.release_group(request.group_name,
+        held = self._do(context, "ReleaseGroup", request, lambda: self.b.release_group(request.group_name,
                                                                                abort=request.abort))
         return pb.ReleaseGroupResponse(hold_seconds=held)
 
     # -- node data path
 
     def NodeStage(self, request: pb.NodeStageRequest, context: grpc.ServicerContext) -> pb.Empty:
-        self._do(context, "NodeStage", lambda: self.dp.node_stage(
+        self._do(context, "NodeStage", request, lambda: self.dp.node_stage(
             request.volume_id, request.staging_path, block=request.block, fs_type=request.fs_type,
             mount_flags=list(request.mount_flags), read_only=request.read_only))
         return pb.Empty()
 
     def NodeUnstage(self, request: pb.NodeUnstageRequest, context: grpc.ServicerContext) -> pb.Empty:
-        self._do(context, "NodeUnstage", lambda: self.dp.node_unstage(request.volume_id, request.staging_path))
+        self._do(context, "NodeUnstage", request, lambda: self.dp.node_unstage(request.volume_id, request.staging_path))
         return pb.Empty()
 
     def NodePublish(self, request: pb.NodePublishRequest, context: grpc.ServicerContext) -> pb.Empty:
-        self._do(context, "NodePublish", lambda: self.dp.node_publish(
+        self._do(context, "NodePublish", request, lambda: self.dp.node_publish(
             request.volume_id, request.staging_path, request.target_path, block=request.block,
             read_only=request.read_only, mount_flags=list(request.mount_flags),
             single_writer=request.single_writer))
         return pb.Empty()
 
     def NodeUnpublish(self, request: pb.NodeUnpublishRequest, context: grpc.ServicerContext) -> pb.Empty:
-        self._do(context, "NodeUnpublish", lambda: self.dp.node_unpublish(request.volume_id, request.target_path))
+        self._do(context, "NodeUnpublish", request,
+                 lambda: self.dp.node_unpublish(request.volume_id, request.target_path))
         return pb.Empty()
 
     def NodeStats(self, request: pb.NodeStatsRequest, context: grpc.ServicerContext) -> pb.NodeStatsResponse:
-        s = self._do(context, "NodeStats", lambda: self.dp.node_stats(request.volume_id, request.volume_path))
+        s = self._do(context, "NodeStats", request, lambda: self.dp.node_stats(request.volume_id, request.volume_path))
         return stats_msg(s)
 
     def NodeExpand(self, request: pb.NodeExpandRequest, context: grpc.ServicerContext) -> pb.NodeExpandResponse:
-        cap = self._do(context, "NodeExpand", lambda: self.dp.node_expand(
+        cap = self._do(context, "NodeExpand", request, lambda: self.dp.node_expand(
             request.volume_id, request.volume_path, request.required_bytes))
         return pb.NodeExpandResponse(capacity_bytes=cap)
 
@@ -253,13 +308,11 @@ def _signals(stop: threading.Event) -> Iterator[None]:
             signal.signal(s, h)
 
 
-def _open_backend(state_dir: str, stop: threading.Event, keeper: str,
-                  keeper_abort_after: float | None = None) -> EmbeddedBackend:
-    datapath = functools.partial(DataPath, keeper=keeper, keeper_abort_after=keeper_abort_after)
+def _open_backend(state_dir: str, stop: threading.Event, keeper: str) -> EmbeddedBackend:
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
     while True:
         try:
-            return EmbeddedBackend.open(state_dir, datapath=datapath)
+            return EmbeddedBackend.open(state_dir, datapath=functools.partial(DataPath, keeper=keeper))
         except errors.EngineLocked as e:
             if stop.is_set() or time.monotonic() > deadline:
                 raise
@@ -281,6 +334,7 @@ def run_engine(args: argparse.Namespace) -> int:
     if listen:
         try:
             tls = TlsFiles.load(getattr(args, "tls_dir", "") or "")
+            tls.check_engine(args.node_id)  # else every controller refuses it: say so here, at once
         except ValueError as e:  # no TCP listener without TLS
             log.error("cannot serve --listen", extra={"fields": {"listen": listen, "error": str(e)}})
             return 2
@@ -302,8 +356,7 @@ def run_engine(args: argparse.Namespace) -> int:
     # (an early return below leaves the metrics thread to the process's exit: it is a daemon)
     with _signals(stop):
         try:
-            backend = _open_backend(state_dir, stop, getattr(args, "fuse_keeper", "auto"),
-                                    getattr(args, "fuse_keeper_abort_after", None))
+            backend = _open_backend(state_dir, stop, getattr(args, "fuse_keeper", "auto"))
         except errors.EngineLocked as e:
             log.error("another engine process holds the state dir", extra={"fields": {"error": str(e)}})
             return 1
@@ -318,9 +371,10 @@ def run_engine(args: argparse.Namespace) -> int:
             return 1
         node_datapath = datapath
         engine_metrics.attach(engine, datapath=lambda: node_datapath)
-        server = grpc.server(ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="engine-rpc"),
-                             options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_EngineServicer_to_server(EngineService(backend, datapath, state_dir, rpc_metrics), server)
+        pool = ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="engine-rpc")
+        service = EngineService(backend, datapath, state_dir, rpc_metrics)
+        server = grpc.server(pool, options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_EngineServicer_to_server(service, server)
         try:
             bind(server, unix_endpoint(path))  # a live socket is refused: another engine serves this node
         except (ValueError, RuntimeError, OSError) as e:
@@ -328,12 +382,16 @@ def run_engine(args: argparse.Namespace) -> int:
             datapath.stop()
             engine.close()
             return 1
-        if listen and tls is not None and not _add_tls_port(server, listen, tls):
+        # the TCP port is its own server, so the access policy (remote.access) sits in front of every call on it
+        tcp = _tls_server(pool, service, listen, tls) if listen and tls is not None else None
+        if listen and tcp is None:
             server.stop(None)
             datapath.stop()
             engine.close()
             return 1
         server.start()
+        if tcp is not None:
+            tcp.start()
         os.chmod(path, 0o600)
         serving.set()
         staged = datapath.staged()
@@ -346,7 +404,9 @@ def run_engine(args: argparse.Namespace) -> int:
         if keeper is not None:
             keeper.stop(delete=True)  # controllers see this node down at once, not after the Lease expires
         log.info("shutting down: draining in-flight calls")
-        server.stop(GRACE_SECONDS).wait()
+        stopped = [srv.stop(GRACE_SECONDS) for srv in (tcp, server) if srv is not None]
+        for ev in stopped:
+            ev.wait()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
     if httpd is not None:
@@ -360,16 +420,19 @@ def run_fuse_keeper(args: argparse.Namespace) -> int:
 
     configure_logging(getattr(args, "log_format", "text"), getattr(args, "log_level", "info"))
     try:
-        fuse_keeper.serve(args.socket or fuse_keeper.socket_path(args.state_dir), idle_exit=args.idle_exit,
-                          abort_after=args.abort_after)
+        fuse_keeper.serve(args.socket or fuse_keeper.socket_path(args.state_dir), idle_exit=args.idle_exit)
     except RuntimeError as e:
         log.error("cannot serve", extra={"fields": {"error": str(e)}})
         return 1
     return 0
 
 
-def _add_tls_port(server: grpc.Server, listen: str, tls: TlsFiles) -> bool:
-    """The engine API for other nodes' controllers: mutual TLS, a client certificate from the CA required."""
+def _tls_server(pool: ThreadPoolExecutor, service: EngineService, listen: str, tls: TlsFiles
+                ) -> grpc.Server | None:
+    """The engine API for the controllers: mutual TLS (a client certificate from the CA), and then only what
+    remote.access.TCP_POLICY serves the certificate's name (the controller's RPCs; no Node verbs)."""
+    server = grpc.server(pool, interceptors=[TcpAccess()], options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_EngineServicer_to_server(service, server)
     try:
         port = server.add_secure_port(listen, tls.server_credentials())
     except RuntimeError as e:
@@ -378,8 +441,8 @@ def _add_tls_port(server: grpc.Server, listen: str, tls: TlsFiles) -> bool:
         why = "address in use or not local"
     if not port:
         log.error("cannot listen", extra={"fields": {"listen": listen, "error": why}})
-        return False
-    return True
+        return None
+    return server
 
 
 def _lease_keeper(args: argparse.Namespace, listen: str) -> LeaseKeeper | None:

@@ -56,8 +56,9 @@ class MultiNode:
         from csi_driver.remote.tls import write_certificates
 
         self.c, self.root = c, root
+        # a CA, the controller's certificate and one per node (csi-flashcopy certs --node ...)
         self.tls = root / "tls"
-        write_certificates(str(self.tls))
+        write_certificates(str(self.tls), nodes=NODES)
         self.other_ca = root / "other-tls"
         write_certificates(str(self.other_ca))
         self.engines = {n: Engine(n, root / n, _free_port()) for n in NODES}
@@ -69,7 +70,7 @@ class MultiNode:
         log = open(self.root / f"engine-{node}.log", "ab")  # noqa: SIM115 - the process keeps it
         e.proc = subprocess.Popen(
             [sys.executable, "-m", "csi_driver", "engine", "--state-dir", str(e.state), "--listen",
-             f"127.0.0.1:{e.port}", "--tls-dir", str(self.tls), "--node-id", node, "--namespace", NS,
+             f"127.0.0.1:{e.port}", "--tls-dir", str(self.tls / "nodes" / node), "--node-id", node, "--namespace", NS,
              "--kubeconfig", str(self.c.kubeconfig)], stdout=log, stderr=subprocess.STDOUT, env=self.c.env)
 
     def stop_engine(self, node: str, sig: int = signal.SIGTERM) -> None:
@@ -82,7 +83,7 @@ class MultiNode:
         log = open(self.root / "controller.log", "ab")  # noqa: SIM115
         self.controller = subprocess.Popen(
             [sys.executable, "-m", "csi_driver", "serve", "--mode", "controller", "--endpoint", f"unix://{self.sock}",
-             "--tls-dir", str(self.tls), "--namespace", NS, "--kubeconfig", str(self.c.kubeconfig),
+             "--tls-dir", str(self.tls / "controller"), "--namespace", NS, "--kubeconfig", str(self.c.kubeconfig),
              "--node-id", "controller", "--driver-name", DRIVER], stdout=log, stderr=subprocess.STDOUT,
             env=self.c.env)
 
@@ -168,7 +169,7 @@ def test_engine_port_is_mutual_tls_only(mn: MultiNode) -> None:
 
     addr = f"127.0.0.1:{mn.engines['node-a'].port}"
     wait_for(lambda: (mn.root / "node-a" / "engine.sock").exists(), timeout=WAIT, what="engine up")
-    good, other = TlsFiles.load(str(mn.tls)), TlsFiles.load(str(mn.other_ca))
+    good, other = TlsFiles.load(str(mn.tls / "controller")), TlsFiles.load(str(mn.other_ca / "controller"))
 
     def ping(ch: grpc.Channel) -> grpc.StatusCode:
         try:
@@ -181,11 +182,19 @@ def test_engine_port_is_mutual_tls_only(mn: MultiNode) -> None:
 
     assert ping(grpc.insecure_channel(addr)) == grpc.StatusCode.UNAVAILABLE  # plaintext refused
     no_cert = grpc.ssl_channel_credentials(root_certificates=good.ca)
-    assert ping(grpc.secure_channel(addr, no_cert, options=channel_options())) == grpc.StatusCode.UNAVAILABLE
+    assert ping(grpc.secure_channel(addr, no_cert, options=channel_options("node-a"))) == \
+        grpc.StatusCode.UNAVAILABLE
     foreign = grpc.ssl_channel_credentials(root_certificates=good.ca, private_key=other.key,
                                            certificate_chain=other.cert)
-    assert ping(grpc.secure_channel(addr, foreign, options=channel_options())) == grpc.StatusCode.UNAVAILABLE
-    assert ping(grpc.secure_channel(addr, good.channel_credentials(), options=channel_options())) == \
+    assert ping(grpc.secure_channel(addr, foreign, options=channel_options("node-a"))) == grpc.StatusCode.UNAVAILABLE
+    # the right CA and the controller's name, but dialled as another node's engine: refused by the controller side
+    assert ping(grpc.secure_channel(addr, good.channel_credentials(), options=channel_options("node-b"))) == \
+        grpc.StatusCode.UNAVAILABLE
+    # a node's certificate of the same CA: the TLS handshake passes, the engine refuses the call by name
+    node_b = TlsFiles.load(str(mn.tls / "nodes" / "node-b")).channel_credentials()
+    assert ping(grpc.secure_channel(addr, node_b, options=channel_options("node-a"))) == \
+        grpc.StatusCode.PERMISSION_DENIED
+    assert ping(grpc.secure_channel(addr, good.channel_credentials(), options=channel_options("node-a"))) == \
         grpc.StatusCode.OK
 
 

@@ -17,8 +17,8 @@ CHART = REPO / "charts" / "csi-flashcopy"
 KUSTOMIZE_BASE = REPO / "deploy" / "kubernetes"  # the chart's default topology (multi-node)
 KUSTOMIZE_MULTI = KUSTOMIZE_BASE / "multi-node"
 KUSTOMIZE_SINGLE = KUSTOMIZE_BASE / "single-node"
-# The multi-node kustomize render mounts a Secret the installer creates (deploy/generate.py TLS_SECRET).
-KUSTOMIZE_TLS_SECRET = "csi-flashcopy-tls"
+# The multi-node kustomize render mounts the Secrets the installer creates (deploy/generate.py TLS_SECRETS).
+KUSTOMIZE_TLS_SECRETS = {"controller": "csi-flashcopy-controller-tls", "node": "csi-flashcopy-node-tls"}
 EXAMPLES = REPO / "deploy" / "examples"
 RELEASE = "csi-flashcopy"
 NAMESPACE = "kube-system"
@@ -38,7 +38,8 @@ Obj = dict[str, Any]
 VALUE_MATRIX: dict[str, Obj] = {
     "defaults": {},
     "single-node": {"topology": "single-node"},
-    "existing-tls-secret-port": {"tls": {"existingSecret": "engine-mtls"}, "engine": {"port": 19820}},
+    "existing-tls-secret-port": {"tls": {"existingSecrets": {"controller": "ctl-mtls", "node": "node-mtls"}},
+                                 "engine": {"port": 19820}},
     "single-node-embedded-engine": {"topology": "single-node", "engine": {"separateContainer": False}},
     "multi-node-no-le-metrics": {
         "topology": "multi-node",
@@ -106,8 +107,8 @@ SNAPSHOT_METADATA_MATRIX: dict[str, Obj] = {
 
 # kustomize directory -> (path, the chart values it is the render of)
 KUSTOMIZE_RENDERS: dict[str, tuple[Path, Obj]] = {
-    "base": (KUSTOMIZE_BASE, {"tls": {"existingSecret": KUSTOMIZE_TLS_SECRET}}),
-    "multi-node": (KUSTOMIZE_MULTI, {"topology": "multi-node", "tls": {"existingSecret": KUSTOMIZE_TLS_SECRET}}),
+    "base": (KUSTOMIZE_BASE, {"tls": {"existingSecrets": KUSTOMIZE_TLS_SECRETS}}),
+    "multi-node": (KUSTOMIZE_MULTI, {"topology": "multi-node", "tls": {"existingSecrets": KUSTOMIZE_TLS_SECRETS}}),
     "single-node": (KUSTOMIZE_SINGLE, {"topology": "single-node"}),
 }
 

@@ -37,7 +37,11 @@ def test_default_render_objects(renders: dict[str, list[pm.Obj]]) -> None:
         ("CSIDriver", "flashcopy.csi.dev"),
         ("ServiceAccount", "csi-flashcopy-node"),
         ("ServiceAccount", "csi-flashcopy-controller"),
-        ("Secret", "csi-flashcopy-tls"),
+        ("Secret", "csi-flashcopy-controller-tls"),
+        ("Secret", "csi-flashcopy-node-tls"),
+        ("NetworkPolicy", "csi-flashcopy-engine"),
+        ("ValidatingAdmissionPolicy", "csi-flashcopy-kube-system-engine-leases"),
+        ("ValidatingAdmissionPolicyBinding", "csi-flashcopy-kube-system-engine-leases"),
         ("ClusterRole", "csi-flashcopy-provisioner"),
         ("ClusterRole", "csi-flashcopy-snapshotter"),
         ("ClusterRole", "csi-flashcopy-resizer"),
@@ -139,7 +143,7 @@ def test_matrix_renders_follow_values(renders: dict[str, list[pm.Obj]]) -> None:
         if c["name"] in ("csi-provisioner", "csi-snapshotter", "csi-resizer"):
             assert "--leader-election=false" in c["args"] and "livenessProbe" not in c
     for args in driver_args(objs):
-        assert "--metrics-address=$(POD_IP):9900" in args  # the pod IP only (issue 22)
+        assert "--metrics-address=0.0.0.0:9900" in args
     assert pm.of_kind(objs, "Deployment")[0]["spec"]["template"]["spec"]["affinity"] == {"nodeAffinity": {}}
 
     objs = renders["embedded-engine-json-logs"]
@@ -199,16 +203,17 @@ def test_release_name_and_namespace_flow_through(helm: str) -> None:
     objs = pm.helm_template(release="storage", namespace="flashcopy-system")
     names = {o["metadata"]["name"] for o in objs}
     assert {"storage-csi-flashcopy-node", "storage-csi-flashcopy-controller", "storage-csi-flashcopy-provisioner",
-            "storage-csi-flashcopy-tls"} <= names
+            "storage-csi-flashcopy-controller-tls", "storage-csi-flashcopy-node-tls"} <= names
     for o in objs:
         if "namespace" in o["metadata"]:
             assert o["metadata"]["namespace"] == "flashcopy-system"
         for s in o.get("subjects", []):
             assert s["namespace"] == "flashcopy-system"
             assert s["name"] in ("storage-csi-flashcopy-node", "storage-csi-flashcopy-controller")
-    for _, spec, _ in pm.containers(objs):
-        assert {"name": "engine-tls", "secret": {"secretName": "storage-csi-flashcopy-tls", "defaultMode": 0o440}} \
-            in spec["volumes"]
+    for pod, spec, _ in pm.containers(objs):
+        role = "node" if pod["kind"] == "DaemonSet" else "controller"
+        assert {"name": "engine-tls", "secret": {"secretName": f"storage-csi-flashcopy-{role}-tls",
+                                                 "defaultMode": 0o440}} in spec["volumes"]
 
 
 def test_refuses_kubernetes_older_than_1_31(helm: str) -> None:
@@ -244,8 +249,12 @@ BAD_VALUES: dict[str, tuple[pm.Obj, str]] = {
     "unknown-cert-manager-key": ({"tls": {"certManager": {"duration": "2160h"}}}, "duration"),
     "issuer-kind-typo": ({"tls": {"certManager": {"issuerRef": {"name": "ca", "kind": "Clusterissuer"}}}},
                          "/tls/certManager/issuerRef/kind"),
-    "tls-secret-not-a-name": ({"tls": {"existingSecret": "My Secret"}}, "/tls/existingSecret"),
-    "two-tls-sources": ({"tls": {"existingSecret": "mine", "certManager": {"issuerRef": {"name": "ca"}}}}, "/tls"),
+    "tls-secret-not-a-name": ({"tls": {"existingSecrets": {"controller": "My Secret", "node": "n"}}},
+                              "/tls/existingSecrets/controller"),
+    "one-existing-tls-secret": ({"tls": {"existingSecrets": {"controller": "mine"}}}, "/tls/existingSecrets"),
+    "old-single-tls-secret": ({"tls": {"existingSecret": "mine"}}, "existingSecret"),
+    "two-tls-sources": ({"tls": {"existingSecrets": {"controller": "c", "node": "n"},
+                                 "certManager": {"issuerRef": {"name": "ca"}}}}, "/tls"),
 }
 
 

@@ -60,7 +60,7 @@ def test_chart_defaults_equal_kustomize(helm: str, kustomized: dict[str, list[pm
         for k in chart:
             assert chart[k] == kust[k], f"{kust_name}: {k} differs between helm template and kubectl kustomize"
     # the base is the chart's default topology, apart from the TLS Secret the installer brings
-    assert pm.KUSTOMIZE_RENDERS["base"][1] == {"tls": {"existingSecret": pm.KUSTOMIZE_TLS_SECRET}}
+    assert pm.KUSTOMIZE_RENDERS["base"][1] == {"tls": {"existingSecrets": pm.KUSTOMIZE_TLS_SECRETS}}
     assert kustomized["base"] == kustomized["multi-node"]
 
 

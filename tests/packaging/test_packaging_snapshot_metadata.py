@@ -172,7 +172,8 @@ def test_enabled_multi_node(smd_renders: dict[str, list[pm.Obj]]) -> None:
     assert sms["spec"]["audience"] == "flashcopy.csi.dev" and sms["spec"]["address"].endswith(":50051")
     _check_rbac(objs, spec)
     # the engine's own TLS Secret is untouched and separate
-    assert _one(objs, "Secret", f"{pm.RELEASE}-tls")["data"]["ca.crt"] != secret["data"]["ca.crt"]
+    for role in ("controller", "node"):
+        assert _one(objs, "Secret", f"{pm.RELEASE}-{role}-tls")["data"]["ca.crt"] != secret["data"]["ca.crt"]
 
 
 def test_enabled_single_node(smd_renders: dict[str, list[pm.Obj]]) -> None:

@@ -69,9 +69,11 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 {{- printf "unix://%s/engine.sock" (.Values.stateDir | trimSuffix "/") -}}
 {{- end -}}
 
-{{/* multi-node: the Secret with the engine API's mutual TLS files (ca.crt, tls.crt, tls.key). */}}
+{{/* multi-node: the Secret with one identity's mutual TLS files (ca.crt, tls.crt, tls.key) for the engine API:
+     (dict "root" $ "role" "controller"|"node"). The controller's is mounted in the controller pods only, the node's
+     in the node pods only (docs/install.md, "Security"). */}}
 {{- define "csi-flashcopy.tlsSecretName" -}}
-{{- .Values.tls.existingSecret | default (printf "%s-tls" (include "csi-flashcopy.fullname" .)) -}}
+{{- index .root.Values.tls.existingSecrets .role | default (printf "%s-%s-tls" (include "csi-flashcopy.fullname" .root) .role) -}}
 {{- end -}}
 
 {{/* Where the TLS Secret is mounted (engine containers and the controller's driver container). */}}
@@ -85,6 +87,7 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
   readOnly: true
 {{- end -}}
 
+{{/* (dict "root" $ "role" "controller"|"node") */}}
 {{- define "csi-flashcopy.tlsVolume" -}}
 - name: engine-tls
   secret:
