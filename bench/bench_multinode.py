@@ -116,8 +116,8 @@ def main() -> None:
     procs: list[subprocess.Popen[bytes]] = []
     servers: list[grpc.Server] = []
     try:
-        write_certificates(str(root / "tls"))
-        tls = TlsFiles.load(str(root / "tls"))
+        write_certificates(str(root / "tls"), nodes=NODES)  # the controller's and a certificate per node
+        tls = TlsFiles.load(str(root / "tls" / "controller"))
         ports = {n: _free_port() for n in NODES}
         for n in NODES:
             state = root / n
@@ -125,7 +125,7 @@ def main() -> None:
             log = open(state / "engine.log", "ab")  # noqa: SIM115 - the process keeps it
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "csi_driver", "engine", "--state-dir", str(state), "--listen",
-                 f"127.0.0.1:{ports[n]}", "--tls-dir", str(root / "tls"), "--node-id", n],
+                 f"127.0.0.1:{ports[n]}", "--tls-dir", str(root / "tls" / "nodes" / n), "--node-id", n],
                 stdout=log, stderr=subprocess.STDOUT))
         for n, p in zip(NODES, procs):
             _wait_engine(root / n / "engine.sock", p)
