@@ -190,16 +190,32 @@ def _fuse_families(fuse: Timings) -> Iterator[Metric]:
     yield from (reqs, errs, nbytes, lat)
 
 
-def serve_metrics(address: str, registry: CollectorRegistry, ready: Callable[[], bool]
+#: connections served at once; Prometheus scrapes a target one at a time, probes add one or two
+MAX_SCRAPES = 4
+#: seconds a connection may take to send its request (a slow client must not hold a slot for long)
+REQUEST_TIMEOUT = 10.0
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 5\r\n"
+         b"Retry-After: 1\r\nConnection: close\r\n\r\nbusy\n")
+
+
+def serve_metrics(address: str, registry: CollectorRegistry, ready: Callable[[], bool], *,
+                  max_scrapes: int = MAX_SCRAPES, request_timeout: float = REQUEST_TIMEOUT
                   ) -> http.server.ThreadingHTTPServer:
     """Serve GET /metrics and /healthz on HOST:PORT ([v6]:PORT too) from a daemon thread; OSError if it cannot
-    bind. Stop with `.shutdown()`."""
+    bind. Stop with `.shutdown()`.
+
+    Only the given address is bound (the chart passes the pod IP). At most max_scrapes connections are served at
+    once: one more is answered 503 (Retry-After: 1) at once and closed, by the accepting thread, so no number of
+    open connections costs more than max_scrapes threads; each connection has request_timeout seconds per read."""
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
         raise ValueError(f"metrics address must be HOST:PORT, got {address!r}")
     host = host.strip("[]") or "0.0.0.0"
+    slots = threading.BoundedSemaphore(max_scrapes)
 
     class Handler(http.server.BaseHTTPRequestHandler):
+        timeout = request_timeout
+
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             path = self.path.split("?", 1)[0]
             if path == "/healthz":
@@ -224,6 +240,27 @@ def serve_metrics(address: str, registry: CollectorRegistry, ready: Callable[[],
     class Server(http.server.ThreadingHTTPServer):
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         daemon_threads = True
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not slots.acquire(blocking=False):
+                try:
+                    request.settimeout(1.0)
+                    request.sendall(_BUSY)
+                except OSError:
+                    pass
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                slots.release()  # no thread took the slot
+                raise
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                slots.release()
 
     httpd = Server((host, int(port)), Handler)
     threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()

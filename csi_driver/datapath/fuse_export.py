@@ -205,6 +205,7 @@ class _NodeIds:
     def _save(self) -> None:
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
+            os.fchmod(f.fileno(), 0o600)  # state files are root's only (issue 22)
             json.dump({"next": self.next, "ids": self.ids}, f)
             f.flush()
             os.fsync(f.fileno())

@@ -65,6 +65,7 @@ class _Records:
         tmp = self.path + ".tmp"
         data = {"staged": [dataclasses.asdict(r) for r in self.items.values()]}
         with open(tmp, "w") as f:
+            os.fchmod(f.fileno(), 0o600)
             json.dump(data, f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())

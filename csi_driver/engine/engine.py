@@ -91,6 +91,7 @@ class Engine(Groups, Jobs):
         self._pool = {}
         self._init_bypass()
         os.makedirs(self.data_dir, exist_ok=True)
+        os.chmod(self.state_dir, 0o700)  # volume data, metadata, staging records: root's only (issue 22)
         self._lockfd = os.open(os.path.join(self.state_dir, "engine.lock"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(self._lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)

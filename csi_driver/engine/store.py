@@ -6,8 +6,10 @@ state before or the state after it, never a mix.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import os
 import sqlite3
 import zlib
 from collections.abc import Iterable
@@ -57,8 +59,17 @@ class Changes:
                     self.del_mappings, self.del_groups, self.del_bitmaps))
 
 
+def _private(path: str) -> None:
+    """meta.db and its -wal/-shm readable by root only (0600), also ones an older version left 0644."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    for p in (path, path + "-wal", path + "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(p, 0o600)
+
+
 class Store:
     def __init__(self, path: str) -> None:
+        _private(path)  # before SQLite makes its -wal/-shm: they take the database file's mode
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")

@@ -50,7 +50,9 @@ def spawn_engine(state_dir: str, endpoint: str, extra_args: list[str] | None = N
     # the engine must import this same csi_driver, also when serve runs from a source tree
     pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    with open(os.path.join(state_dir, "engine.log"), "ab") as out:
+    log_fd = os.open(os.path.join(state_dir, "engine.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.fchmod(log_fd, 0o600)  # also one an older version made 0644
+    with open(log_fd, "ab") as out:
         res = subprocess.run([sys.executable, "-c", _SPAWN, *engine_argv(state_dir, endpoint, extra_args)],
                              stdout=subprocess.PIPE, stderr=out, env=env, cwd="/", check=True, timeout=60)
     # the engine writes stdout and stderr to the log; the pipe we read is the intermediate's alone

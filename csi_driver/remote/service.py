@@ -49,6 +49,7 @@ from csi_driver.proto_gen import engine_pb2 as pb
 from csi_driver.proto_gen import engine_pb2_grpc as pb_grpc
 from csi_driver.remote import wire
 from csi_driver.remote.access import TcpAccess
+from csi_driver.remote.decoding import DecodeRequests
 from csi_driver.remote.tls import TlsFiles
 from csi_driver.remote.wire import copy_msg, extents_msg, report_msg, stats_msg, to_item, volume_msg
 from csi_driver.sockets import bind, unix_endpoint, unix_socket_path
@@ -373,7 +374,7 @@ def run_engine(args: argparse.Namespace) -> int:
         engine_metrics.attach(engine, datapath=lambda: node_datapath)
         pool = ThreadPoolExecutor(max_workers=MAX_WORKERS, thread_name_prefix="engine-rpc")
         service = EngineService(backend, datapath, state_dir, rpc_metrics)
-        server = grpc.server(pool, options=[("grpc.so_reuseport", 0)])
+        server = grpc.server(pool, interceptors=[DecodeRequests()], options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_EngineServicer_to_server(service, server)
         try:
             bind(server, unix_endpoint(path))  # a live socket is refused: another engine serves this node
@@ -431,7 +432,7 @@ def _tls_server(pool: ThreadPoolExecutor, service: EngineService, listen: str, t
                 ) -> grpc.Server | None:
     """The engine API for the controllers: mutual TLS (a client certificate from the CA), and then only what
     remote.access.TCP_POLICY serves the certificate's name (the controller's RPCs; no Node verbs)."""
-    server = grpc.server(pool, interceptors=[TcpAccess()], options=[("grpc.so_reuseport", 0)])
+    server = grpc.server(pool, interceptors=[TcpAccess(), DecodeRequests()], options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_EngineServicer_to_server(service, server)
     try:
         port = server.add_secure_port(listen, tls.server_credentials())

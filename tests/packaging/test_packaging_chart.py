@@ -143,7 +143,7 @@ def test_matrix_renders_follow_values(renders: dict[str, list[pm.Obj]]) -> None:
         if c["name"] in ("csi-provisioner", "csi-snapshotter", "csi-resizer"):
             assert "--leader-election=false" in c["args"] and "livenessProbe" not in c
     for args in driver_args(objs):
-        assert "--metrics-address=0.0.0.0:9900" in args
+        assert "--metrics-address=$(POD_IP):9900" in args  # the pod IP only (issue 22)
     assert pm.of_kind(objs, "Deployment")[0]["spec"]["template"]["spec"]["affinity"] == {"nodeAffinity": {}}
 
     objs = renders["embedded-engine-json-logs"]

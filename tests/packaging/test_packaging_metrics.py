@@ -43,10 +43,12 @@ def test_ports_flags_services_and_service_monitor(helm: str, topology: str) -> N
         if ns.command == "fuse-keeper":
             continue  # no metrics of its own
         if ns.command == "serve":
-            assert ns.metrics_address == "0.0.0.0:9810" and _ports(c)["metrics"] == 9810
+            assert ns.metrics_address == "POD_IP:9810" and _ports(c)["metrics"] == 9810
         else:
             assert ns.command == "engine"
-            assert ns.metrics_address == "0.0.0.0:9821" and _ports(c)["engine-metrics"] == 9821
+            assert ns.metrics_address == "POD_IP:9821" and _ports(c)["engine-metrics"] == 9821
+        # bound to the pod IP only, from the downward API (issue 22: not every address of the pod)
+        assert {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in c["env"]
         served.setdefault(component, set()).update(_ports(c))
     assert set(served) == ({"node"} if topology == "single-node" else {"controller", "node"})
     assert "engine-metrics" in served["node"]
