@@ -7,6 +7,7 @@ manifests pass settings to the containers.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 import sys
@@ -19,6 +20,17 @@ DEFAULT_STATE_DIR = "/var/lib/csi-flashcopy"
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
+
+
+def _seconds(text: str) -> float:
+    """A duration flag: a finite number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"seconds must be 0 or more: {text!r}")
+    return value
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -188,6 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
         "keeper process this engine starts when none answers; external = the one beside it (the chart's "
         "fuse-keeper container), waited for; off = none, a restart fails the volumes' I/O",
     )
+    engine.add_argument(
+        "--fuse-keeper-abort-after",
+        type=_seconds,
+        default=_env("CSI_FLASHCOPY_FUSE_KEEPER_ABORT_AFTER", "120"),
+        help="with --fuse-keeper=auto: the keeper this engine starts aborts a FUSE connection no engine process "
+        "has taken back within this many seconds, so waiting I/O fails with EIO instead of hanging "
+        "(env CSI_FLASHCOPY_FUSE_KEEPER_ABORT_AFTER; default 120; 0: never)",
+    )
 
     certs = sub.add_parser("certs", help="write a CA and the engine API's identities (DIR/controller, DIR/node, "
                            "DIR/nodes/NODE: ca.crt, tls.crt, tls.key each), for installs without the chart's or "
@@ -206,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "the engine looks)")
     keeper.add_argument("--idle-exit", type=float, default=30.0,
                         help="exit after holding nothing for this many seconds (default 30; 0: never)")
+    keeper.add_argument("--abort-after", type=_seconds,
+                        default=_env("CSI_FLASHCOPY_FUSE_KEEPER_ABORT_AFTER", "120"),
+                        help="abort a held FUSE connection that no engine process has taken back within this many "
+                             "seconds: waiting I/O then fails with EIO instead of hanging the node "
+                             "(env CSI_FLASHCOPY_FUSE_KEEPER_ABORT_AFTER; default 120; 0: never)")
 
     demo = sub.add_parser("demo", help="a short engine tour on a local state directory")
     demo.add_argument("--state-dir", default=_env("CSI_FLASHCOPY_STATE_DIR", "./state"))

@@ -245,16 +245,22 @@ class FuseExport:
     handover=True leaves the connection to the keeper. Files are added and removed while mounted.
     `runner` runs the umount commands (None: the real one). keeper_dir: the state directory whose FUSE keeper
     holds the connection across restarts (None: none; the connection dies with this process); keeper_external:
-    that keeper is started by someone else (waited for), else one is started when none answers.
+    that keeper is started by someone else (waited for), else one is started when none answers, aborting a
+    connection no process serves for keeper_abort_after seconds (None: the keeper's default).
     """
 
     def __init__(self, mount_point: str, *, fsname: str = "flashcopy", runner: privileged.Runner | None = None,
-                 keeper_dir: str | None = None, keeper_external: bool = False, fast: bool = True, threads: int = 8):
+                 keeper_dir: str | None = None, keeper_external: bool = False, fast: bool = True, threads: int = 8,
+                 keeper_abort_after: float | None = None):
         self.mount_point = os.path.abspath(mount_point)
         self.fsname = fsname
         self.runner = runner
         self.keeper_dir = keeper_dir
         self.keeper_external = keeper_external
+        self.keeper_abort_after = keeper_abort_after
+        self._lease: Any = None  # fuse_keeper.KeeperLease: open while this process serves the connection
+        #: why the connection a predecessor left here is gone, when the keeper aborted it ("" otherwise)
+        self.lost = ""
         self.fast = fast and fuse_session.FAST
         self.threads = threads
         self._entries: dict[str, _Entry] = {}
@@ -286,6 +292,8 @@ class FuseExport:
     def start(self, timeout: float = 10.0) -> None:
         if self.keeper_dir is not None and self._adopt():
             return
+        if self.keeper_dir is not None:
+            self.lost = self._aborted_here()
         # a dead mount makes the directory unusable (ENOTCONN)
         clear_stale_mount(self.mount_point, runner=self.runner)
         os.makedirs(self.mount_point, exist_ok=True)
@@ -322,10 +330,14 @@ class FuseExport:
                     if time.monotonic() > deadline:
                         raise fuse_keeper.KeeperUnavailable("the FUSE keeper container does not answer")
                     time.sleep(0.2)
+            elif self.keeper_abort_after is not None:
+                fuse_keeper.ensure_keeper(self.keeper_dir, abort_after=self.keeper_abort_after)
             else:
                 fuse_keeper.ensure_keeper(self.keeper_dir)
             self._keeper().put(self.mount_point, self._fd,
                                {"dev": fuse_session.mount_dev(self.mount_point), "init": self.init})
+            if not self._serve_lease():
+                raise fuse_keeper.KeeperError("the keeper let go of the connection just handed to it")
         except (fuse_keeper.KeeperError, OSError, RuntimeError) as e:
             # serving goes on; only a restart of this process would then fail the I/O (as without a keeper)
             self._keeper_error = str(e)
@@ -351,6 +363,12 @@ class FuseExport:
             with contextlib.suppress(fuse_keeper.KeeperError):
                 self._keeper().drop(self.mount_point)
             return False
+        if not self._serve_lease():
+            # the keeper aborted it between get and serve (no process served it for too long): ours is a
+            # copy of a connection it has given up; closing it ends the connection
+            log.warning("the FUSE keeper gave up the connection for %s meanwhile", self.mount_point)
+            os.close(fd)
+            return False
         self._fd = fd
         self.init = {str(k): int(v) for k, v in meta["init"].items()}
         self._inited.set()
@@ -365,6 +383,33 @@ class FuseExport:
         log.info("took over the FUSE connection at %s (%s)", self.mount_point,
                  "resending unanswered requests" if self.init.get("resend") else "no resend in this kernel")
         return True
+
+    def _serve_lease(self) -> bool:
+        """Open this process's lease on the connection the keeper holds (while it is open the keeper aborts
+        nothing); False when the keeper holds it no more. A keeper without leases (an older one, still running
+        from before an upgrade) bounds no pause: serving goes on without one."""
+        from csi_driver.datapath import fuse_keeper
+
+        try:
+            self._lease = self._keeper().serve(self.mount_point)
+        except fuse_keeper.KeeperError as e:
+            if str(e) == "absent":
+                return False
+            log.warning("the FUSE keeper takes no lease for %s (%s): it will not bound a pause", self.mount_point, e)
+        return True
+
+    def _aborted_here(self) -> str:
+        """Why the connection mounted here is dead, when the keeper aborted it because no process took it
+        back in time (its record names the mount's device), else ""."""
+        from csi_driver.datapath import fuse_keeper
+
+        assert self.keeper_dir is not None
+        rec = fuse_keeper.take_aborted(self.keeper_dir, self.mount_point)
+        if rec is None or rec.get("dev") != fuse_session.mount_dev(self.mount_point):
+            return ""
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(float(rec.get("at", 0))))
+        return (f"the FUSE keeper aborted this volume's engine connection at {at}: no engine process took it "
+                f"back within {float(rec.get('after', 0)):g}s")
 
     def stop(self, timeout: float = 10.0, *, handover: bool = False) -> None:
         """Unmount (lazily if a straggler still holds a file) and stop the request loop.
@@ -393,6 +438,9 @@ class FuseExport:
         self._close()
 
     def _close(self) -> None:
+        if self._lease is not None:
+            self._lease.close()  # the keeper's abort clock starts (a handover: the next process takes it back)
+            self._lease = None
         if self._fd >= 0:
             os.close(self._fd)
         self._fd = -1

@@ -11,6 +11,14 @@ SO_PEERCRED: root or the keeper's own uid). One message is one JSON object, the 
 SCM_RIGHTS. It exits by itself once it has held nothing for `idle_exit` seconds (a node with nothing staged
 keeps no process), and on SIGTERM/SIGINT even while holding descriptors (an operator asked; the mounts then
 fail like they would without a keeper). `ensure_keeper` starts one detached, like the engine launcher does.
+
+The pause is bounded. A process serving a descriptor says so with `serve` on a connection it keeps open (a
+`KeeperLease`); when the last such connection of a key closes (the engine died, or handed over on purpose) and
+no process takes the key back within `abort_after` seconds, the keeper closes its copy and, where fusectl is
+mounted, writes the connection's `abort` file (the one thing it knows about FUSE: meta "dev" names the
+connection): the kernel aborts the FUSE connection and I/O waiting on it fails with EIO instead of sleeping
+forever (D state) on a node whose engine never returns. What was aborted is recorded in
+`fuse-keeper.aborted.json` beside the socket, for the next engine to tell the volumes' users (`take_aborted`).
 """
 
 from __future__ import annotations
@@ -29,12 +37,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("csi_flashcopy.fuse_keeper")
 
 SOCKET_NAME = "fuse-keeper.sock"
 LOG_NAME = "fuse-keeper.log"
+ABORTED_NAME = "fuse-keeper.aborted.json"
+#: seconds a held connection may go unserved before the keeper aborts it (0: never)
+DEFAULT_ABORT_AFTER = 120.0
+#: fusectl (mounted by most distributions): /sys/fs/fuse/connections/<the mount's st_dev>/abort
+FUSECTL = "/sys/fs/fuse/connections"
 CALL_TIMEOUT = 5.0  # a keeper answers from memory; longer means it is stuck
 _MAX_MSG = 64 * 1024  # requests are a key and a small meta
 _MAX_FDS = 8  # receive a few so extra ones can be closed instead of being cut off unseen
@@ -60,16 +74,25 @@ def socket_path(state_dir: str) -> str:
     return os.path.join(state_dir, SOCKET_NAME)
 
 
+def aborted_path(sock_path: str) -> str:
+    """Where a keeper on sock_path records the connections it aborted (beside its socket)."""
+    return os.path.join(os.path.dirname(os.path.abspath(sock_path)), ABORTED_NAME)
+
+
 # ---------------------------------------------------------------------------------------------- server
 
 
 class _Keeper:
     """The server's state: the descriptors held, the listening socket, the connections."""
 
-    def __init__(self, path: str, idle_exit: float) -> None:
+    def __init__(self, path: str, idle_exit: float, abort_after: float = DEFAULT_ABORT_AFTER) -> None:
         self.path = path
         self.idle_exit = idle_exit
+        self.abort_after = abort_after
         self.held: dict[str, tuple[int, dict[str, Any]]] = {}
+        #: the open connections that serve each held key (lease holders), and since when a key has none
+        self.servers: dict[str, set[socket.socket]] = {}
+        self.unserved_since: dict[str, float] = {}
         self.idle_since = time.monotonic()
         self.stop_signal: int | None = None
         self.sel = selectors.DefaultSelector()
@@ -147,6 +170,7 @@ class _Keeper:
                 log.info("stopping on a signal", extra={"fields": {"signal": self.stop_signal,
                                                                    "closing": len(self.held)}})
                 return
+            self._abort_expired()
             now = time.monotonic()
             if self.held or self.idle_exit <= 0:  # 0: never (a container of its own, restarted if it ends)
                 timeout: float | None = None
@@ -156,6 +180,9 @@ class _Keeper:
                     log.info("nothing held: exiting", extra={"fields": {"idle_exit": self.idle_exit}})
                     return
                 timeout = left
+            due = self._next_abort()
+            if due is not None:
+                timeout = max(0.0, due - now) if timeout is None else min(timeout, max(0.0, due - now))
             for key, _events in self.sel.select(timeout):
                 if key.data == "listen":
                     self._accept()
@@ -203,6 +230,8 @@ class _Keeper:
             if flags & socket.MSG_CTRUNC:
                 raise _BadRequest(f"more than {_MAX_FDS} descriptors attached")
             reply, reply_fd, fds = self._handle(data, fds)
+        except _Serve as e:
+            reply = self._serve(conn, e.key)
         except _BadRequest as e:
             reply = {"ok": False, "error": str(e)}
         finally:
@@ -230,7 +259,7 @@ class _Keeper:
         if op == "list":
             return {"ok": True, "keys": sorted(self.held)}, None, fds
         key = req.get("key")
-        if op not in ("put", "get", "drop"):
+        if op not in ("put", "get", "drop", "serve"):
             raise _BadRequest(f"unknown op {op!r}")
         if not isinstance(key, str) or not key:
             raise _BadRequest(f"{op} needs a non-empty string key")
@@ -244,6 +273,8 @@ class _Keeper:
             if old is not None:
                 os.close(old[0])  # replaced: the earlier holder's copy must not keep a dead connection alive
             self.held[key] = (fds[0], meta)
+            if not self.servers.get(key):
+                self.unserved_since[key] = time.monotonic()  # the putter's lease follows at once
             log.info("holding", extra={"fields": {"key": key, "replaced": old is not None}})
             return {"ok": True}, None, []
         if op == "get":
@@ -251,7 +282,10 @@ class _Keeper:
             if got is None:
                 return {"ok": False, "error": "absent"}, None, fds
             return {"ok": True, "meta": got[1]}, got[0], fds  # the keeper keeps its own copy
+        if op == "serve":
+            raise _Serve(key)
         dropped = self.held.pop(key, None)
+        self._forget(key)
         if dropped is not None:
             os.close(dropped[0])
             log.info("dropped", extra={"fields": {"key": key}})
@@ -262,11 +296,143 @@ class _Keeper:
     def _drop_conn(self, conn: socket.socket) -> None:
         with contextlib.suppress(KeyError, ValueError):
             self.sel.unregister(conn)
+        for key, conns in self.servers.items():
+            if conn in conns:
+                conns.discard(conn)
+                if not conns and key in self.held:
+                    # its server died or handed over: the kernel queues the I/O until one takes it back
+                    self.unserved_since[key] = time.monotonic()
+                    log.info("no process serves the connection", extra={"fields": {
+                        "key": key, "abort_after": self.abort_after}})
         conn.close()
+
+    # -- the bound on a pause
+
+    def _serve(self, conn: socket.socket, key: str) -> dict[str, Any]:
+        if key not in self.held:
+            return {"ok": False, "error": "absent"}  # aborted (or dropped) meanwhile: the caller lost it
+        self.servers.setdefault(key, set()).add(conn)
+        self.unserved_since.pop(key, None)
+        return {"ok": True}
+
+    def _forget(self, key: str) -> None:
+        self.servers.pop(key, None)  # their connections stay open; a later close finds nothing to do
+        self.unserved_since.pop(key, None)
+
+    def _next_abort(self) -> float | None:
+        if self.abort_after <= 0 or not self.unserved_since:
+            return None
+        return min(self.unserved_since.values()) + self.abort_after
+
+    def _abort_expired(self) -> None:
+        due = self._next_abort()
+        if due is None or due > time.monotonic():
+            return
+        for key, since in list(self.unserved_since.items()):
+            if since + self.abort_after <= time.monotonic():
+                self._abort(key)
+
+    def _abort(self, key: str) -> None:
+        """No process took the connection back in time: end it, so waiting I/O fails (EIO) instead of
+        hanging the node. Closing our copy ends it (the kernel aborts a FUSE connection when its last
+        /dev/fuse descriptor closes); fusectl's abort, where mounted, ends it even if a stray process still
+        holds a copy."""
+        fd, meta = self.held.pop(key)
+        self._forget(key)
+        dev = meta.get("dev")
+        how = "fusectl abort" if isinstance(dev, str) and _fusectl_abort(key, dev) else "closed"
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        record = {"at": time.time(), "after": self.abort_after, "dev": dev, "how": how}
+        log.warning("aborted a FUSE connection no process took back", extra={"fields": {"key": key, **record}})
+        try:
+            _update_aborted(aborted_path(self.path), lambda recs: recs.__setitem__(key, record))
+        except OSError as e:
+            log.error("cannot record the abort", extra={"fields": {"key": key, "error": str(e)}})
+        if not self.held:
+            self.idle_since = time.monotonic()
+
+
+def _fusectl_abort(mount_point: str, dev: str) -> bool:
+    """Write 1 to the fusectl abort file of the FUSE connection mounted at mount_point, when fusectl is there
+    and the mount there is still that connection (dev "0:N" as mountinfo shows it; the number names it)."""
+    try:
+        major, minor = (int(x) for x in dev.split(":"))
+    except ValueError:
+        return False
+    path = f"{FUSECTL}/{(major << 20) | minor}/abort"  # the kernel's dev_t encoding (major 0: the minor)
+    if not os.path.exists(path) or _mount_dev(mount_point) != dev:
+        return False  # no fusectl here, or the number names another connection now
+    try:
+        with open(path, "w") as f:
+            f.write("1")
+    except OSError as e:
+        log.warning("fusectl abort failed", extra={"fields": {"path": path, "error": str(e)}})
+        return False
+    return True
+
+
+def _mount_dev(mount_point: str) -> str | None:
+    """major:minor of the FUSE mount at mount_point from /proc/self/mountinfo (nothing asks the mount itself,
+    which blocks while it is paused)."""
+    found = None
+    with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            sep = parts.index("-")
+            if parts[4].replace("\\040", " ") == mount_point and parts[sep + 1].startswith("fuse"):
+                found = parts[2]
+    return found
+
+
+def _update_aborted(path: str, change: Callable[[dict[str, Any]], object]) -> dict[str, Any]:
+    """Read, change and rewrite the abort records under an exclusive lock; the records as they were before.
+    A torn or foreign file reads as no records."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with os.fdopen(os.dup(fd), "r+") as f:
+            try:
+                recs = json.loads(f.read() or "{}")
+            except ValueError:
+                recs = {}
+            if not isinstance(recs, dict):
+                recs = {}
+            before = dict(recs)
+            change(recs)
+            f.seek(0)
+            f.truncate()
+            json.dump(recs, f)
+            f.flush()
+            os.fsync(f.fileno())
+        return before
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def take_aborted(state_dir: str, key: str) -> dict[str, Any] | None:
+    """The record (at, after, dev, how) of the connection the keeper of state_dir aborted under key, removed
+    from the file so that no later start reads it again; None when there is none."""
+    path = aborted_path(socket_path(state_dir))
+    if not os.path.exists(path):
+        return None
+    try:
+        rec = _update_aborted(path, lambda recs: recs.pop(key, None)).get(key)
+    except OSError:
+        return None
+    return rec if isinstance(rec, dict) else None
 
 
 class _BadRequest(Exception):
     pass
+
+
+class _Serve(Exception):
+    """The request makes its connection a server of key (answered by _serve_one, which has the connection)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
 
 
 def _drain(sock: object) -> None:
@@ -276,12 +442,13 @@ def _drain(sock: object) -> None:
             pass
 
 
-def serve(socket_path: str, *, idle_exit: float = 30.0) -> None:
+def serve(socket_path: str, *, idle_exit: float = 30.0, abort_after: float = DEFAULT_ABORT_AFTER) -> None:
     """Run a keeper on socket_path until it has held nothing for idle_exit seconds or gets SIGTERM/SIGINT.
+    A held connection that no process serves for abort_after seconds is aborted (0: never).
     RuntimeError when another keeper is live on the socket."""
     path = os.path.abspath(socket_path)  # before the chdir: a relative path means the caller's directory
     os.chdir("/")  # a long-lived process must not pin the directory it was started from
-    keeper = _Keeper(path, idle_exit)
+    keeper = _Keeper(path, idle_exit, abort_after)
     main_thread = threading.current_thread() is threading.main_thread()
     wake_r, wake_w = socket.socketpair()
     old_handlers: dict[int, Any] = {}
@@ -303,7 +470,7 @@ def serve(socket_path: str, *, idle_exit: float = 30.0) -> None:
             # a closed terminal or a restarted parent's session is no reason to drop the mounts
             old_handlers[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal.SIG_IGN)
         log.info("FUSE keeper serving", extra={"fields": {"socket": path, "pid": os.getpid(),
-                                                           "idle_exit": idle_exit}})
+                                                           "idle_exit": idle_exit, "abort_after": abort_after}})
         keeper.run()
     finally:
         if main_thread and old_handlers:
@@ -389,6 +556,32 @@ class KeeperClient:
         reply, _ = self._call({"op": "list"})
         return [str(k) for k in reply.get("keys", [])]
 
+    def serve(self, key: str) -> KeeperLease:
+        """Tell the keeper this process serves the connection held under key, for as long as the returned
+        lease stays open (its close, or this process's death, starts the keeper's abort_after clock).
+        KeeperError "absent" when the keeper holds nothing under key (e.g. it aborted the connection)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self.socket_path)
+                sock.send(json.dumps({"op": "serve", "key": key}).encode())
+                data = sock.recv(_MAX_MSG)
+            except (FileNotFoundError, ConnectionRefusedError, TimeoutError, ConnectionError) as e:
+                raise KeeperUnavailable(f"the FUSE keeper at {self.socket_path} did not answer: {e}") from None
+            try:
+                reply = json.loads(data) if data else {}
+            except ValueError:
+                reply = {}
+            if not isinstance(reply, dict) or not reply.get("ok"):
+                error = reply.get("error", "no reply") if isinstance(reply, dict) else "malformed reply"
+                raise KeeperError(str(error))
+        except BaseException:
+            sock.close()
+            raise
+        return KeeperLease(sock)
+
+
     def ping(self) -> int | None:
         """The keeper's pid, or None when no keeper answers."""
         try:
@@ -399,6 +592,18 @@ class KeeperClient:
         return pid if isinstance(pid, int) else None
 
 
+class KeeperLease:
+    """An open connection that tells the keeper its holder serves a key; close() ends it (so does death)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock: socket.socket | None = sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
 # ---------------------------------------------------------------------------------------------- starting one
 
 
@@ -407,32 +612,34 @@ class KeeperClient:
 SPAWNED_IDLE_EXIT = 2.0
 
 
-def keeper_argv(path: str) -> list[str]:
+def keeper_argv(path: str, abort_after: float = DEFAULT_ABORT_AFTER) -> list[str]:
     return [sys.executable, "-m", "csi_driver", "fuse-keeper", "--socket", path, "--idle-exit",
-            str(SPAWNED_IDLE_EXIT)]
+            str(SPAWNED_IDLE_EXIT), "--abort-after", str(abort_after)]
 
 
-def spawn_keeper(state_dir: str) -> int:
+def spawn_keeper(state_dir: str, abort_after: float = DEFAULT_ABORT_AFTER) -> int:
     """Start a detached keeper on socket_path(state_dir); its pid (it exits at once if another one is live)."""
     os.makedirs(state_dir, exist_ok=True)
     env = dict(os.environ)
     # the keeper must import this same csi_driver, also when run from a source tree
     pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    argv = keeper_argv(os.path.abspath(socket_path(state_dir)), abort_after)
     with open(os.path.join(state_dir, LOG_NAME), "ab") as out:
-        res = subprocess.run([sys.executable, "-c", _SPAWN, *keeper_argv(os.path.abspath(socket_path(state_dir)))],
+        res = subprocess.run([sys.executable, "-c", _SPAWN, *argv],
                              stdout=subprocess.PIPE, stderr=out, env=env, cwd="/", check=True, timeout=60)
     return int(res.stdout.split()[0])
 
 
-def ensure_keeper(state_dir: str, timeout: float = 10.0) -> int:
-    """The pid of the keeper answering at socket_path(state_dir), started (detached) when none answers.
-    KeeperUnavailable when none answers within timeout."""
+def ensure_keeper(state_dir: str, timeout: float = 10.0, *, abort_after: float = DEFAULT_ABORT_AFTER) -> int:
+    """The pid of the keeper answering at socket_path(state_dir), started (detached, aborting connections no
+    process serves for abort_after seconds) when none answers. KeeperUnavailable when none answers within
+    timeout."""
     client = KeeperClient(socket_path(state_dir))
     pid = client.ping()
     if pid is not None:
         return pid
-    spawned = spawn_keeper(state_dir)
+    spawned = spawn_keeper(state_dir, abort_after)
     log.info("started the FUSE keeper", extra={"fields": {"pid": spawned,
                                                           "log": os.path.join(state_dir, LOG_NAME)}})
     deadline = time.monotonic() + timeout
@@ -449,7 +656,7 @@ def ensure_keeper(state_dir: str, timeout: float = 10.0) -> int:
             # ours exited and nobody answers: the live keeper it deferred to has just idled out, or it failed
             # (the log says); try again a few times, not in a tight loop of failures
             respawns -= 1
-            spawned = spawn_keeper(state_dir)
+            spawned = spawn_keeper(state_dir, abort_after)
         time.sleep(0.05)
 
 

@@ -101,18 +101,19 @@ class DataPath:
     """Owns the FUSE export of this node's staged volumes, their loop devices, mounts and records."""
 
     def __init__(self, engine: Any, state_dir: str | None = None, *, export_dir: str | None = None,
-                 keeper: str = "off"):
+                 keeper: str = "off", keeper_abort_after: float | None = None):
         """state_dir: where the staging records and the export live (default: the engine's state dir).
 
         keeper: who holds the export's connection so that a restart of this process pauses the volumes' I/O
         instead of failing it: "auto" (a keeper process started when none answers), "external" (one beside
         us, waited for), "off" (none: in-process, where the data path lives and dies with its caller anyway).
+        keeper_abort_after: the bound on a pause that keeper ("auto") puts (None: its default).
         """
         self.engine = engine
         self.state_dir = os.path.abspath(state_dir if state_dir is not None else engine.state_dir)
         self.export = FuseExport(export_dir or os.path.join(self.state_dir, "exports"),
                                  keeper_dir=None if keeper == "off" else self.state_dir,
-                                 keeper_external=keeper == "external")
+                                 keeper_external=keeper == "external", keeper_abort_after=keeper_abort_after)
         self._records = _Records(os.path.join(self.state_dir, "staging.json"))
         self._lock = threading.RLock()  # records and per-volume work; node RPCs are rare and short
         self.last_freeze_window = 0.0
@@ -503,8 +504,8 @@ class DataPath:
         if not self._export_alive(rec.volume_id):
             return True, "the engine export of this volume is gone (engine process restarted?)"
         if self._dead_loop(rec) is not None:
-            return True, ("the node engine process restarted: I/O to this volume fails until it is "
-                          "unpublished and staged again")
+            return True, (f"{self.export.lost or 'the node engine process restarted'}: I/O to this volume fails "
+                          "until it is unpublished and staged again")
         dev = self._live_loop(rec.volume_id)
         if dev is None:
             return True, "no loop device attached"

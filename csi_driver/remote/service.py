@@ -309,11 +309,13 @@ def _signals(stop: threading.Event) -> Iterator[None]:
             signal.signal(s, h)
 
 
-def _open_backend(state_dir: str, stop: threading.Event, keeper: str) -> EmbeddedBackend:
+def _open_backend(state_dir: str, stop: threading.Event, keeper: str,
+                  keeper_abort_after: float | None = None) -> EmbeddedBackend:
+    datapath = functools.partial(DataPath, keeper=keeper, keeper_abort_after=keeper_abort_after)
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
     while True:
         try:
-            return EmbeddedBackend.open(state_dir, datapath=functools.partial(DataPath, keeper=keeper))
+            return EmbeddedBackend.open(state_dir, datapath=datapath)
         except errors.EngineLocked as e:
             if stop.is_set() or time.monotonic() > deadline:
                 raise
@@ -357,7 +359,8 @@ def run_engine(args: argparse.Namespace) -> int:
     # (an early return below leaves the metrics thread to the process's exit: it is a daemon)
     with _signals(stop):
         try:
-            backend = _open_backend(state_dir, stop, getattr(args, "fuse_keeper", "auto"))
+            backend = _open_backend(state_dir, stop, getattr(args, "fuse_keeper", "auto"),
+                                    getattr(args, "fuse_keeper_abort_after", None))
         except errors.EngineLocked as e:
             log.error("another engine process holds the state dir", extra={"fields": {"error": str(e)}})
             return 1
@@ -421,7 +424,8 @@ def run_fuse_keeper(args: argparse.Namespace) -> int:
 
     configure_logging(getattr(args, "log_format", "text"), getattr(args, "log_level", "info"))
     try:
-        fuse_keeper.serve(args.socket or fuse_keeper.socket_path(args.state_dir), idle_exit=args.idle_exit)
+        fuse_keeper.serve(args.socket or fuse_keeper.socket_path(args.state_dir), idle_exit=args.idle_exit,
+                          abort_after=args.abort_after)
     except RuntimeError as e:
         log.error("cannot serve", extra={"fields": {"error": str(e)}})
         return 1

@@ -57,11 +57,13 @@ class Keepers:
         self.sock = fuse_keeper.socket_path(root)
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, *, idle_exit: float = 30.0, sock: str | None = None) -> subprocess.Popen[bytes]:
+    def start(self, *, idle_exit: float = 30.0, sock: str | None = None,
+              abort_after: float | None = None) -> subprocess.Popen[bytes]:
         path = sock or self.sock
+        extra = [] if abort_after is None else ["--abort-after", str(abort_after)]
         with open(os.path.join(self.root, "keeper-test.log"), "ab") as log:
             p = subprocess.Popen([sys.executable, "-m", "csi_driver", "fuse-keeper", "--socket", path,
-                                  "--idle-exit", str(idle_exit)], cwd=REPO, stdin=subprocess.DEVNULL,
+                                  "--idle-exit", str(idle_exit), *extra], cwd=REPO, stdin=subprocess.DEVNULL,
                                  stdout=log, stderr=log)
         self.procs.append(p)
         wait_for(lambda: KeeperClient(path).ping() == p.pid or p.poll() is not None, timeout=20,
@@ -403,3 +405,42 @@ def test_concurrent_ensure_keeper_calls_end_with_one_keeper(keepers: Keepers) ->
     wait_for(lambda: _keeper_pids(keepers.root) == results[:1], timeout=20, what="only one keeper left",
              why=keepers.log)
     assert KeeperClient(keepers.sock).ping() == results[0]
+
+
+def test_a_descriptor_nobody_serves_is_closed_after_abort_after(keepers: Keepers,
+                                                                pipes: Callable[[], tuple[int, int]]) -> None:
+    """The bound on a pause, with a pipe for the connection: closing the keeper's copy is what aborts a FUSE
+    connection (tests/datapath/test_paused_export.py does it with a real one)."""
+    keepers.start(abort_after=1)
+    client = KeeperClient(keepers.sock)
+    with pytest.raises(KeeperError, match="absent"):
+        client.serve("vol-a")  # nothing held under it
+    r, w = pipes()
+    client.put("vol-a", w, {"dev": "not-a-device"})
+    lease = client.serve("vol-a")
+    os.close(w)
+    # served: kept past the bound, and a second lease holder (a taking-over engine) keeps it too
+    second = client.serve("vol-a")
+    lease.close()
+    time.sleep(1.5)  # nothing to wait for: the keeper must not close it
+    assert not_at_eof(r) and client.keys() == ["vol-a"]
+    second.close()  # the last server gone: the clock runs
+    t0 = time.monotonic()
+    assert at_eof(r, timeout=20), keepers.log()
+    assert 0.5 < time.monotonic() - t0 < 15
+    assert client.keys() == []
+    with open(fuse_keeper.aborted_path(keepers.sock)) as f:
+        rec = json.load(f)["vol-a"]
+    assert rec["after"] == 1 and rec["how"] == "closed" and rec["dev"] == "not-a-device"
+    assert stat.S_IMODE(os.stat(fuse_keeper.aborted_path(keepers.sock)).st_mode) == 0o600
+    assert fuse_keeper.take_aborted(keepers.root, "vol-a") == rec
+    assert fuse_keeper.take_aborted(keepers.root, "vol-a") is None  # taken once
+
+
+def test_abort_after_zero_never_closes(keepers: Keepers, pipes: Callable[[], tuple[int, int]]) -> None:
+    keepers.start(abort_after=0)
+    r, w = pipes()
+    KeeperClient(keepers.sock).put("vol-a", w, {})
+    os.close(w)
+    time.sleep(1.5)  # nothing to wait for
+    assert not_at_eof(r) and KeeperClient(keepers.sock).keys() == ["vol-a"]

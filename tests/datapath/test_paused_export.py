@@ -12,20 +12,23 @@ an engine that never comes. Then:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import cast
 
 import pytest
 
-from csi_driver.datapath import fuse_keeper, privileged
+from csi_driver.datapath import fuse_keeper, fuse_session, privileged
 from tests.csi.conftest import REPO
 from tests.datapath.conftest import needs_kernel
+from tests.datapath.test_engine_process import EngineProc, _unstage_leftovers
 from tests.waiting import wait_for
 
 pytestmark = [needs_kernel, pytest.mark.root]
@@ -104,6 +107,14 @@ class PausedExport:
     def keeper_log(self) -> str:
         with open(self.keeper_log_path, errors="replace") as f:
             return f.read()
+
+    def resume(self) -> None:
+        """A new engine stand-in takes the connection back from the keeper (an engine restart)."""
+        assert self.child is not None and self.child.poll() is not None
+        self.child = subprocess.Popen([sys.executable, "-c", _CHILD, self.mount, self.root], cwd=REPO,
+                                      env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+        assert self.child.stdout is not None
+        assert self.child.stdout.readline().strip() == self.path
 
     def pause(self) -> None:
         """The engine dies; the keeper's copy keeps the connection: I/O on the loop device now waits."""
@@ -207,3 +218,90 @@ def test_loop_lookups_and_a_stage_of_another_volume_do_not_wait_on_a_paused_devi
     assert found == [p.loop]
     assert again == [attached]
     datapath.unstage(vol.id, stg)  # type: ignore[attr-defined]
+
+
+def test_a_stale_mount_check_and_lazy_unmount_of_a_paused_mount_point_do_not_wait(
+        paused_export: Callable[..., PausedExport]) -> None:
+    # what the next engine does to a mount it cannot take the connection of back (clear_stale_mount)
+    p = paused_export()
+    p.pause()
+    t, out = in_thread(lambda: (privileged.is_mountpoint(p.mount), privileged.umount(p.mount, lazy=True)))
+    t.join(PROMPT)
+    finished = not t.is_alive()
+    if not finished:
+        p.release()
+        t.join(60)
+    assert finished, f"is_mountpoint and umount -l of a paused FUSE mount point did not finish within {PROMPT:.0f}s"
+    assert out == [(True, True)]
+    assert not privileged.is_mountpoint(p.mount)
+
+
+# ------------------------------------------------------------------------------------------------ the bound
+
+
+def test_the_keeper_aborts_a_connection_no_engine_takes_back_and_writers_get_eio(
+        paused_export: Callable[..., PausedExport]) -> None:
+    bound = 2.0
+    p = paused_export(abort_after=bound)
+    client = fuse_keeper.KeeperClient(p.sock)
+    dev = fuse_session.mount_dev(p.mount)
+    # a connection its engine serves is never aborted, however long it lives
+    time.sleep(bound + 1)  # nothing to wait for: the abort must not happen
+    assert write_block(p.loop) == "ok"
+    assert client.keys() == [p.mount]
+
+    # a restart within the bound: the clock stops when the next engine takes the connection back
+    p.pause()
+    p.resume()
+    time.sleep(bound + 1)
+    assert write_block(p.loop) == "ok"
+    assert client.keys() == [p.mount]
+
+    # no engine comes back: a writer blocked in the kernel gets EIO once the bound has passed
+    p.pause()
+    t0 = time.monotonic()
+    got = write_block(p.loop, timeout=bound + 30)
+    took = time.monotonic() - t0
+    assert got == "EIO", f"{got} after {took:.1f}s\n{p.keeper_log()}"
+    assert bound - 0.5 < took < bound + 15, took
+    assert client.keys() == []
+    with open(fuse_keeper.aborted_path(p.sock)) as f:
+        rec = json.load(f)[p.mount]
+    assert rec["after"] == bound and rec["dev"] == dev and rec["how"] in ("closed", "fusectl abort")
+    assert "aborted a FUSE connection no process took back" in p.keeper_log()
+    # later I/O fails at once, not after another wait
+    t0 = time.monotonic()
+    assert write_block(p.loop, timeout=30) == "EIO"
+    assert time.monotonic() - t0 < 10
+
+
+def test_the_next_engine_reports_the_abort_in_the_volume_condition(
+        workdir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The restart path with an engine process (its own keeper, bound 2 s): SIGKILL, no engine for longer than
+    the bound, then the next engine's NodeGetVolumeStats says the keeper aborted the connection."""
+    from csi_driver.remote.client import RemoteBackend
+
+    monkeypatch.setenv("CSI_FLASHCOPY_FUSE_KEEPER_ABORT_AFTER", "2")  # the engine's flag, by its env
+    engine_proc = EngineProc(Path(workdir)).start()
+    b = RemoteBackend(engine_proc.endpoint)
+    try:
+        v = b.create_volume("blk", 16 * MiB, grain_size=64 * 1024, attrs={})
+        stg = f"{workdir}/stg/blk"
+        b.node_stage(v.id, stg, block=True, fs_type="")
+        assert b.node_stats(v.id, stg).message == "healthy"
+        with open(engine_proc.state / "staging.json") as f:
+            loop_dev = json.load(f)["staged"][0]["loop_device"]
+        assert write_block(loop_dev) == "ok"
+        assert engine_proc.stop(signal.SIGKILL) == -signal.SIGKILL
+        assert write_block(loop_dev, timeout=40) == "EIO"  # the keeper aborted the paused connection
+        engine_proc.start()
+        st = b.node_stats(v.id, stg)
+        assert st.abnormal
+        assert "the FUSE keeper aborted this volume's engine connection" in st.message, st.message
+        assert "no engine process took it back within 2s" in st.message, st.message
+        b.node_unstage(v.id, stg)  # unstaging cleans the dead device up (staging again would rebuild it)
+        b.delete_volume(v.id)
+    finally:
+        b.close()
+        _unstage_leftovers(engine_proc)
+        assert engine_proc.stop() == 0, engine_proc.log()[-3000:]

@@ -89,9 +89,18 @@ def mounts(path: str | os.PathLike[str] | None = None) -> list[MountInfo]:
 
 
 def mounts_at(path: str) -> list[MountInfo]:
-    """Mounts whose mount point is exactly path (the last one is the visible, top-most one)."""
-    p = os.path.realpath(path) if os.path.exists(path) else os.path.abspath(path)
-    return [m for m in mounts() if m.mount_point == p or m.mount_point == os.path.abspath(path)]
+    """Mounts whose mount point is exactly path (the last one is the visible, top-most one).
+
+    The table is searched for the path as given first, and only then is it resolved: stat of a FUSE mount
+    point whose connection is paused (an engine restart under the keeper) waits as long as the pause.
+    """
+    table = mounts()
+    given = os.path.abspath(path)
+    found = [m for m in table if m.mount_point == given]
+    if found:
+        return found
+    p = os.path.realpath(path) if os.path.exists(path) else given
+    return [m for m in table if m.mount_point == p]
 
 
 def is_mountpoint(path: str) -> bool:
