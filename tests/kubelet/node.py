@@ -41,6 +41,7 @@ from typing import Any
 from csi_driver import DRIVER_NAME
 from tests.k8s.test_k8s_flow import Cluster, Proc, _free_port, probe_ready, running_peer
 from tests.k8s.test_k8s_flow import _why_skip as _control_plane_why_skip
+from tests.packaging import node_layout
 from tests.packaging import packaging_manifests as pm
 from tests.waiting import wait_for, wait_process_exit
 
@@ -341,9 +342,13 @@ def _install_chart(c: Cluster, kubelet_root: Path, driver_state: Path) -> None:
     assert r.returncode == 0, f"helm install: {r.stderr}"
 
 
-def _start_chart_pods(pods: ChartPods, driver_state: Path) -> tuple[Path, Path]:
+def _start_chart_pods(pods: ChartPods, driver_state: Path, kubelet_root: Path) -> tuple[Path, Path]:
     """The node pod (keeper, engine, plugin), then the controller pod (driver, then its sidecars); the two CSI
-    sockets."""
+    sockets. First the node pod's layout as the API server holds it: host processes share the host's mount
+    namespace, so a container that mounts without the kubelet dir would pass here and fail as a real pod."""
+    spec = pods._workload("daemonset", NODE_POD)["spec"]["template"]["spec"]
+    problems = node_layout.layout_problems(spec, str(kubelet_root), str(driver_state))
+    assert not problems, f"the chart's node pod cannot give Pods their volumes: {problems}"
     node = pods.load("daemonset", NODE_POD)
     ctl = pods.load("deployment", CONTROLLER_POD)
     node_sock = pods.volumes[NODE_POD]["socket-dir"] / "csi.sock"
@@ -402,7 +407,7 @@ def running_node() -> Iterator[Env]:
                 _run(["bash", str(NODE_UP)], env, "node-up.sh")
                 pods = ChartPods(c, base)
                 try:
-                    sock, node_sock = _start_chart_pods(pods, driver_state)
+                    sock, node_sock = _start_chart_pods(pods, driver_state, kubelet_root)
                 except BaseException:
                     print(pods.logs())
                     raise
