@@ -122,7 +122,12 @@ class Engine(Groups, Jobs):
         vols, maps, groups, bitmaps = self._store.load()
         maxseq = 0
         for r in vols:
-            v = Vol(r["id"], r["seq"], r["name"], r["size"], r["grain"], r["attrs"], r["created"], r["file"])
+            f = r["file"]
+            if not isinstance(f, str) or f in ("", ".", "..") or "/" in f or "\0" in f:
+                # a path outside volumes/ (a tampered or corrupt meta.db): never opened, extended or unlinked
+                raise errors.InvalidState(f"meta.db names data file {f!r} for volume {r['id']}: not a file name "
+                                          f"in volumes/; refusing to open the state dir")
+            v = Vol(r["id"], r["seq"], r["name"], r["size"], r["grain"], r["attrs"], r["created"], f)
             v.deleted = bool(r["deleted"])
             v.offline = r["offline"]
             v.clean_rate = r["clean_rate"]

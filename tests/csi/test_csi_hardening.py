@@ -66,3 +66,15 @@ def test_engine_refuses_a_size_no_file_offset_reaches(inproc: InProc) -> None:  
     with pytest.raises(errors.OutOfRange):
         eng.clone(vid, "e-huge-clone", size=HUGE)
     assert eng.get_volume(vid).size == 4 * MiB
+
+
+@pytest.mark.parametrize("path", ["//", "///", "//./", "/./"])
+def test_node_paths_that_spell_the_root_directory_are_refused(inproc: InProc, path: str) -> None:  # noqa: F811
+    """os.path.normpath keeps a leading '//' (POSIX leaves it implementation-defined), so '//' passed the
+    'not the root directory' check: the data path would mount over / (CSI: INVALID_ARGUMENT)."""
+    vid = inproc.volume("root-path")
+    assert rpc_code(inproc.node.NodeStageVolume, csi_pb2.NodeStageVolumeRequest(
+        volume_id=vid, staging_target_path=path, volume_capability=mount_cap())) == C.INVALID_ARGUMENT
+    assert rpc_code(inproc.node.NodePublishVolume, csi_pb2.NodePublishVolumeRequest(
+        volume_id=vid, staging_target_path="/tmp/stage", target_path=path,
+        volume_capability=mount_cap())) == C.INVALID_ARGUMENT
