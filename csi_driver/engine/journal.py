@@ -9,7 +9,8 @@ connection over, and the kernel then asks the new engine to fsync writes the old
 must still have them.
 
 J1 (recoverable)  every host write or discard whose effect depends on state only in memory is appended here
-                  (one record: volume, offset, bytes, CRC) before it is acknowledged (`Engine.write`,
+                  (one record: its bytes, then a head naming volume, offset and length, with a CRC) before it is
+                  acknowledged (`Engine.write`,
                   `Engine.discard`); a write whose every grain the volume owns durably and may overwrite in place
                   (`Cascade._can_write_in_place` and `Vol.owns_durably`) needs no record: its file holds it.
 J2 (emptied)      the journal is emptied only by a commit that left every recorded effect in the data files with
@@ -42,9 +43,10 @@ log = logging.getLogger(__name__)
 
 JOURNAL_FILE = "writes.journal"
 JOURNAL_LIMIT = 64 * 1024 * 1024  # bytes of records before a commit is forced (it empties the journal)
-_MAGIC = b"FCJ1"
+_MAGIC = b"FCJ2"
 _HEADER = struct.Struct("<4s48s")  # magic, boot id (ASCII, NUL padded)
-#: kind (W write, D discard), volume id length, length, offset, CRC32 of the rest of the record
+#: a record's head: kind (W write, D discard), volume id length, length, offset, CRC32 of these and the id;
+#: the volume id follows, then the bytes written (W only)
 _RECORD = struct.Struct("<cBIQI")
 
 
@@ -57,8 +59,8 @@ class Record:
     data: bytes  # the bytes written (empty for a discard)
 
 
-def _crc(kind: bytes, vid: bytes, length: int, offset: int, data: bytes | memoryview) -> int:
-    return zlib.crc32(data, zlib.crc32(vid, zlib.crc32(kind + struct.pack("<IQ", length, offset))))
+def _crc(kind: bytes, vid: bytes, length: int, offset: int) -> int:
+    return zlib.crc32(vid, zlib.crc32(kind + struct.pack("<IQ", length, offset)))
 
 
 class Journal:
@@ -102,8 +104,8 @@ class Journal:
                 break
             vid = raw[body:body + vlen]
             data = raw[body + vlen:end]
-            if _crc(kind, vid, length, offset, data) != crc:
-                break  # a record cut short (the writer died inside its pwrite): nothing after it was acknowledged
+            if _crc(kind, vid, length, offset) != crc:
+                break  # a head never written (the writer died before it): nothing from here on was acknowledged
             out.append(Record(kind, vid.decode("ascii", "replace"), offset, length, bytes(data)))
             pos = end
         if pos != len(raw):
@@ -117,17 +119,22 @@ class Journal:
             return
         vid = volume_id.encode("ascii")
         n = len(data) if length is None else length
-        head = _RECORD.pack(kind, len(vid), n, offset, _crc(kind, vid, n, offset, data))
+        head = _RECORD.pack(kind, len(vid), n, offset, _crc(kind, vid, n, offset)) + vid
         if self._end == _HEADER.size:
             self._io.pwrite(self._fd, _HEADER.pack(_MAGIC, self._boot), 0)
-        # one pwrite per record: a death inside it leaves a record whose CRC fails, and nothing after it
+        # the bytes first, the head after them: a death before the head is written leaves zeros where it goes
+        # (the file grew past it), so a reader never takes a record whose bytes are not all there. The page
+        # cache keeps a process's writes in order, and nothing else reads this file. No CRC over the bytes:
+        # it cost more than the copy-on-write it protects.
         try:
-            self._io.pwrite(self._fd, b"".join((head, vid, data)), self._end)
+            if data:
+                self._io.pwrite(self._fd, data, self._end + len(head), stream=False)
+            self._io.pwrite(self._fd, head, self._end)
         except Exception:
             with contextlib.suppress(Exception):
                 self._io.truncate(self._fd, self._end)  # no part of a record nobody acknowledged stays behind
             raise
-        self._end += len(head) + len(vid) + len(data)
+        self._end += len(head) + len(data)
 
     def reset(self) -> None:
         """J2: empty the journal (the caller's commit made every recorded effect durable in the files). Not

@@ -49,9 +49,9 @@ class CrashIO(FileIO):
         if os.fstat(fd).st_size != size:
             self.unsynced[path].append(("size", size, b"", str(os.fstat(fd).st_size).encode()))
 
-    def pwrite(self, fd: int, data: Any, offset: int) -> None:
+    def pwrite(self, fd: int, data: Any, offset: int, *, stream: bool = True) -> None:
         self._tick()
-        self._record_range(fd, offset, len(data), lambda: FileIO.pwrite(self, fd, data, offset))
+        self._record_range(fd, offset, len(data), lambda: FileIO.pwrite(self, fd, data, offset, stream=stream))
 
     def punch(self, fd: int, offset: int, length: int) -> None:
         self._tick()
