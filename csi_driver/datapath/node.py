@@ -44,6 +44,19 @@ class StageRecord:
     mount_flags: list[str] = dataclasses.field(default_factory=list)
     # target path -> read_only
     publishes: dict[str, bool] = dataclasses.field(default_factory=dict)
+    #: target paths publish created (a block target's file, a mount target's directory): unpublish deletes only
+    #: these, never a file or directory that was there before; None = a record from before this was kept
+    made: list[str] | None = dataclasses.field(default_factory=list)
+
+
+def safe_options(flags: Sequence[str]) -> list[str]:
+    """Mount options for a filesystem whose content a Pod (or a crafted image) shapes: nosuid and nodev unless
+    the capability's mount_flags ask for suid / dev."""
+    opts = list(flags)
+    for opt, allow in (("nosuid", "suid"), ("nodev", "dev")):
+        if opt not in opts and allow not in opts:
+            opts.append(opt)
+    return opts
 
 
 class _Records:
@@ -319,7 +332,7 @@ class DataPath:
         elif found == "ext4" and not rec.read_only and privileged.ext4_size(dev) < size:
             # a restore or clone into a larger volume: grow the copied filesystem before mounting it
             privileged.grow_ext4_offline(dev)
-        opts = list(rec.mount_flags)
+        opts = safe_options(rec.mount_flags)
         if rec.fs_type == "xfs" and "nouuid" not in opts:
             opts.append("nouuid")  # snapshots and clones share their source's UUID; xfs would refuse them
         privileged.mount(dev, rec.staging_path, fstype=rec.fs_type, options=opts, read_only=rec.read_only)
@@ -366,7 +379,7 @@ class DataPath:
         errs = _Errors(what)
         for target in list(rec.publishes):
             with errs.step(f"unpublish {target}"):
-                self._unpublish_path(target)
+                self._unpublish_path(target, delete=rec.made is None or target in rec.made)
                 rec.publishes.pop(target, None)
         if rec.staging_path and (os.path.isdir(rec.staging_path) or privileged.is_mountpoint(rec.staging_path)):
             with errs.step(f"unmount {rec.staging_path}"):
@@ -414,25 +427,31 @@ class DataPath:
             if dev is None:
                 raise errors.InvalidState(f"volume {volume_id}: no loop device (stage it again)")
             if block:
-                self._ensure_file(target_path)
+                made = self._ensure_file(target_path)
                 if read_only:
                     dev = self._read_only_loop(volume_id, dev)
                 privileged.mount(dev, target_path, bind=True, read_only=read_only)
             else:
+                made = not os.path.lexists(target_path)
                 os.makedirs(target_path, exist_ok=True)
-                opts = [o for o in mount_flags if o not in ("ro", "rw", "bind")]
+                opts = safe_options([o for o in mount_flags if o not in ("ro", "rw", "bind")])
                 privileged.mount(staging_path, target_path, bind=True, read_only=read_only, options=opts)
             rec.publishes[target_path] = read_only
+            if made and rec.made is not None and target_path not in rec.made:
+                rec.made.append(target_path)
             self._records.save()
 
     @staticmethod
-    def _ensure_file(path: str) -> None:
+    def _ensure_file(path: str) -> bool:
+        """A file to bind a block device node on; True when this made it (unpublish deletes only such)."""
         if os.path.isdir(path) and not privileged.is_mountpoint(path) and not os.listdir(path):
             os.rmdir(path)  # a block target must be a file to bind a device node on
         if not os.path.exists(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "a"):
                 pass
+            return True
+        return False
 
     def unpublish(self, volume_id: str, target_path: str) -> None:
         target_path = os.path.abspath(target_path)
@@ -440,16 +459,22 @@ class DataPath:
             rec = self._records.items.get(volume_id)
             recorded = rec is not None and target_path in rec.publishes
             # unrecorded: a crash between mount and record, or a path that was never ours (leave it alone)
+            # what publish made at the target goes with it (CSI); what was there before stays (a user's file)
+            ours = rec is not None and recorded and (rec.made is None or target_path in rec.made)
             if recorded or self._our_mount(target_path, volume_id):
-                self._unpublish_path(target_path)
+                self._unpublish_path(target_path, delete=ours)
             if rec is not None and recorded:
                 del rec.publishes[target_path]
+                if rec.made is not None and target_path in rec.made:
+                    rec.made.remove(target_path)
                 self._records.save()
                 self._drop_read_only_loops(rec)
 
     @staticmethod
-    def _unpublish_path(target_path: str) -> None:
+    def _unpublish_path(target_path: str, *, delete: bool = True) -> None:
         privileged.umount(target_path)
+        if not delete:
+            return
         # the target is ours to delete (CSI: the SP removes what it created at the target path)
         with contextlib.suppress(FileNotFoundError, OSError):
             if os.path.isdir(target_path):

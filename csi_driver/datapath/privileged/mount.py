@@ -170,7 +170,8 @@ def mount(
     top = after[-1]
     if read_only and not top.read_only:
         # old util-linux binds read-write first; remount read-only and check again
-        run(["mount", "-o", "remount,bind,ro", target], timeout=timeout, runner=runner)
+        keep = "".join(f",{o}" for o in opts if o in ("nosuid", "nodev", "noexec"))  # a remount sets all flags
+        run(["mount", "-o", f"remount,bind,ro{keep}", target], timeout=timeout, runner=runner)
         top = mounts_at(target)[-1]
         if not top.read_only:
             with contextlib.suppress(Exception):
