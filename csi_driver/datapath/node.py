@@ -69,7 +69,7 @@ class _Records:
             with open(path) as f:
                 raw = json.load(f)
             for r in raw.get("staged", []):
-                rec = StageRecord(**r)
+                rec = StageRecord(**{"made": None, **r})  # no "made": written before it was kept
                 self.items[rec.volume_id] = rec
         except FileNotFoundError:
             pass

@@ -85,3 +85,18 @@ def test_mount_flags_may_ask_for_suid_and_dev(engine, datapath, workdir):
     finally:
         datapath.unpublish(vol.id, tgt)
         datapath.unstage(vol.id, stg)
+
+
+def test_records_from_before_made_was_kept_delete_as_before(tmp_path):
+    """A staging.json written by an older driver has no "made": its publishes' targets are the driver's (the old
+    rule), so unpublish still removes them; a new record starts with an empty list."""
+    import json
+
+    from csi_driver.datapath.node import StageRecord, _Records
+
+    path = tmp_path / "staging.json"
+    legacy = {"volume_id": "vol-1", "staging_path": "/s", "block": True, "fs_type": "", "read_only": False,
+              "publishes": {"/t": False}}
+    path.write_text(json.dumps({"staged": [legacy]}))
+    assert _Records(str(path)).items["vol-1"].made is None
+    assert StageRecord("vol-2", "/s", True, "", False).made == []
