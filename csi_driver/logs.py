@@ -5,11 +5,16 @@ Configured once by each entry point (`serve`, `engine`); every module logs throu
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import json
 import logging
+import os
+import stat
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -49,9 +54,38 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(obj, default=str, separators=(",", ":"))
 
 
+#: room kept allocated past the end of a log file that stderr is (the node engine's <state dir>/engine.log)
+LOG_ROOM = 1 << 20
+_FALLOC_FL_KEEP_SIZE = 0x01
+
+
+def _keep_room(stream: TextIO) -> None:
+    """When stream is a regular file, allocate LOG_ROOM bytes past its end without changing its size: appends
+    land there, so the log goes on when its filesystem (the state dir) is full. Best effort."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        fd = stream.fileno()
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_blocks * 512 - st.st_size >= LOG_ROOM // 2:
+            return
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+        libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, st.st_size, LOG_ROOM)
+
+
+class _RoomKeepingHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stderr handler that tops up the room past a log file's end now and then (`_keep_room`)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        super().emit(record)
+        self._count = getattr(self, "_count", 0) + 1
+        if self._count % 64 == 0:
+            _keep_room(self.stream)
+
+
 def configure_logging(fmt: str = "text", level: str = "info") -> None:
     """Root logging to stderr in the chosen format (called once by the process entry point)."""
-    handler = logging.StreamHandler(sys.stderr)
+    _keep_room(sys.stderr)
+    handler = _RoomKeepingHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for h in list(root.handlers):

@@ -200,7 +200,10 @@ class _NodeIds:
 
     def drop(self, name: str) -> None:
         if self.ids.pop(name, None) is not None:
-            self._save()
+            try:
+                self._save()
+            except OSError as e:  # a full state dir must not stop an unstage: the next save writes it all
+                log.warning("could not save FUSE node ids to %s: %s", self.path, e)
 
     def _save(self) -> None:
         tmp = self.path + ".tmp"

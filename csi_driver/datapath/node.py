@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_FS = "ext4"
 FREEZE_MAX_SECONDS = 10.0
+#: space kept beside staging.json so that unstage/unpublish can record what they undid on a full state dir
+RECORDS_RESERVE = 256 * 1024
 #: bucket bounds (seconds) of the freeze window histogram (csi_driver.metrics: flashcopy_freeze_seconds)
 FREEZE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -75,19 +78,64 @@ class _Records:
             pass
 
     def save(self) -> None:
+        """Replace the file. On a full filesystem the space kept in RECORDS_RESERVE is given up for it (an
+        unstage or unpublish must be able to record what it undid); it is made again when there is room."""
+        try:
+            self._save()
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not _give_up(self.reserve):
+                raise
+            log.warning("state dir full: releasing the staging records' reserve %s", self.reserve)
+            self._save()
+        _hold(self.reserve, RECORDS_RESERVE)
+
+    @property
+    def reserve(self) -> str:
+        return self.path + ".reserve"
+
+    def _save(self) -> None:
         tmp = self.path + ".tmp"
         data = {"staged": [dataclasses.asdict(r) for r in self.items.values()]}
-        with open(tmp, "w") as f:
-            os.fchmod(f.fileno(), 0o600)
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "w") as f:
+                os.fchmod(f.fileno(), 0o600)
+                json.dump(data, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         os.replace(tmp, self.path)
         dfd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+
+
+def _hold(path: str, size: int) -> None:
+    """Keep size bytes allocated at path (best effort: a full filesystem leaves it for the next save)."""
+    with contextlib.suppress(OSError):
+        if os.path.exists(path) and os.stat(path).st_blocks * 512 >= size:
+            return
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError:
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
+
+
+def _give_up(path: str) -> bool:
+    try:
+        if os.stat(path).st_size == 0:
+            return False
+        os.truncate(path, 0)
+        return True
+    except OSError:
+        return False
 
 
 class _Errors:
@@ -128,6 +176,7 @@ class DataPath:
                                  keeper_dir=None if keeper == "off" else self.state_dir,
                                  keeper_external=keeper == "external", keeper_abort_after=keeper_abort_after)
         self._records = _Records(os.path.join(self.state_dir, "staging.json"))
+        _hold(self._records.reserve, RECORDS_RESERVE)
         self._lock = threading.RLock()  # records and per-volume work; node RPCs are rare and short
         self.last_freeze_window = 0.0
         #: every freeze window ("freeze": first FIFREEZE to last thaw, when a filesystem was frozen)
@@ -165,8 +214,12 @@ class DataPath:
                     with contextlib.suppress(Exception):
                         self.unstage(rec.volume_id, rec.staging_path)
         if self._bypass_ok():
-            with contextlib.suppress(errors.EngineClosed):
+            try:
                 self.engine.attach_bypass(None)  # every grant revoked: no bypassed I/O once the engine closes
+            except errors.EngineClosed:
+                pass
+            except Exception as e:  # (a full state dir) the export must still stop: no mount or keeper left
+                log.error("data path stop: revoking the bypass failed: %s", e)
         self.export.stop(handover=handover and bool(self._records.items))
 
     def staged(self) -> list[StageRecord]:
@@ -201,6 +254,25 @@ class DataPath:
                 return lo.device
         writable = [lo for lo in loops if not lo.read_only]
         return (writable or loops)[0].device if loops else None
+
+    def _device(self, rec: StageRecord) -> str:
+        """The volume's staging loop device, resolved from its backing file (sysfs). A recorded device that
+        backs something else (a record left by a failed unstage, or a crash between detach and save, whose
+        number the kernel gave to another volume) is refused: it would hand another volume's data out."""
+        loops = self._loops(rec.volume_id)
+        if rec.loop_device:
+            if any(lo.device == rec.loop_device for lo in loops):
+                return rec.loop_device
+            backing = next((lo.backing_file for lo in privileged.list_loops() if lo.device == rec.loop_device),
+                           "")
+            raise errors.InvalidState(
+                f"volume {rec.volume_id}: its staging record names {rec.loop_device}, which "
+                f"{'now backs ' + backing if backing else 'is detached'}, not this volume's export; "
+                "unstage and stage it again")
+        dev = self._live_loop(rec.volume_id)
+        if dev is None:
+            raise errors.InvalidState(f"volume {rec.volume_id}: no loop device (stage it again)")
+        return dev
 
     def _read_only_loop(self, volume_id: str, staging_dev: str) -> str:
         """A read-only loop device for a read-only block publish: a read-only bind of a device node does not
@@ -372,8 +444,14 @@ class DataPath:
             except Exception:
                 self._records.save()  # keep the record: a retry finds what is left
                 raise
-            self._records.items.pop(volume_id, None)
-            self._records.save()
+            kept = self._records.items.pop(volume_id, None)
+            try:
+                self._records.save()
+            except Exception:
+                if kept is not None:  # memory as the disk has it: the retry saves again, never answers OK early
+                    kept.loop_device = ""  # detached: the number may go to another volume (item 5)
+                    self._records.items[volume_id] = kept
+                raise
 
     def _teardown(self, rec: StageRecord, what: str) -> None:
         errs = _Errors(what)
@@ -423,9 +501,7 @@ class DataPath:
             if self._dead_loop(rec) is not None:
                 raise errors.InvalidState(
                     f"volume {volume_id} lost its engine connection (the engine process restarted): stage it again")
-            dev = rec.loop_device or self._live_loop(volume_id)
-            if dev is None:
-                raise errors.InvalidState(f"volume {volume_id}: no loop device (stage it again)")
+            dev = self._device(rec)
             if block:
                 made = self._ensure_file(target_path)
                 if read_only:
@@ -436,10 +512,18 @@ class DataPath:
                 os.makedirs(target_path, exist_ok=True)
                 opts = safe_options([o for o in mount_flags if o not in ("ro", "rw", "bind")])
                 privileged.mount(staging_path, target_path, bind=True, read_only=read_only, options=opts)
+            had = target_path in rec.publishes
             rec.publishes[target_path] = read_only
             if made and rec.made is not None and target_path not in rec.made:
                 rec.made.append(target_path)
-            self._records.save()
+            try:
+                self._records.save()
+            except Exception:
+                if not had:  # not recorded, so not kept: a retry mounts again
+                    del rec.publishes[target_path]
+                    with contextlib.suppress(Exception):
+                        privileged.umount(target_path)
+                raise
 
     @staticmethod
     def _ensure_file(path: str) -> bool:
@@ -464,10 +548,16 @@ class DataPath:
             if recorded or self._our_mount(target_path, volume_id):
                 self._unpublish_path(target_path, delete=ours)
             if rec is not None and recorded:
-                del rec.publishes[target_path]
+                was = rec.publishes.pop(target_path)
                 if rec.made is not None and target_path in rec.made:
                     rec.made.remove(target_path)
-                self._records.save()
+                try:
+                    self._records.save()
+                except Exception:
+                    rec.publishes[target_path] = was  # as the disk has it: the retry saves again
+                    if ours and rec.made is not None:
+                        rec.made.append(target_path)
+                    raise
                 self._drop_read_only_loops(rec)
 
     @staticmethod
@@ -510,7 +600,8 @@ class DataPath:
             rec = self._rec_for_path(volume_id, volume_path)
             abnormal, msg = self._condition(rec, vol)
             if rec.block:
-                size = privileged.block_size_bytes(rec.loop_device) if rec.loop_device else vol.size
+                dev = self._live_loop(volume_id)  # from sysfs: a stale record's number may be another volume's
+                size = privileged.block_size_bytes(dev) if dev else vol.size
                 used = min(vol.allocated_bytes, size)
                 return NodeStats(True, size, used, size - used, abnormal=abnormal, message=msg)
         try:
@@ -550,9 +641,7 @@ class DataPath:
             if required_bytes > vol.size:
                 vol = self.engine.resize_volume(volume_id, required_bytes)
             self.export.refresh_size(volume_id)
-            dev = rec.loop_device or self._live_loop(volume_id)
-            if dev is None:
-                raise errors.InvalidState(f"volume {volume_id} has no loop device")
+            dev = self._device(rec)
             for lo in self._loops(volume_id):  # read-only publishes' devices too
                 if privileged.block_size_bytes(lo.device) != vol.size:
                     privileged.refresh_loop_capacity(lo.device)

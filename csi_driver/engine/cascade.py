@@ -303,8 +303,8 @@ class Cascade(Durability):
         # mappings out of t that still copy address t by id; their targets now read through keeper
         t.upstream = t.downstream = None
         t.bits = None  # the caller's start gives t its new bits
-        t.file, t.fd = f"{t.id}.{secrets.token_hex(4)}.img", -1
-        self._create_file(t)
+        t.fd = -1
+        self._create_file(t, f"{t.id}.{secrets.token_hex(4)}.img")
         self._dirty_vol(keeper)
         if keeper.bits is not None:
             self._mark_bit("v:" + keeper.id, keeper.bits, keeper)

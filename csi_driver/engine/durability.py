@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 PENDING_LIMIT = 64 * 1024 * 1024  # held source writes (bytes) before a commit is forced
 METADATA_RESERVE = 4 * 1024 * 1024  # disk space held back so metadata commits work on a full filesystem
+FREE_RESERVE = 1024 * 1024  # and held back further for deletes, so space can always be freed through the driver
 _ZERO = bytes(max(GRAIN_SIZES))
 
 
@@ -206,24 +207,18 @@ class Durability(BypassGrants):
 
     # ------------------------------------------------------------------ metadata reserve
 
-    def _reserve_path(self) -> str:
-        return os.path.join(self.state_dir, "metadata.reserve")
+    def _reserve_path(self, name: str = "metadata.reserve") -> str:
+        return os.path.join(self.state_dir, name)
 
     def _ensure_reserve(self) -> None:
-        """Keep METADATA_RESERVE bytes allocated for metadata, freed when the filesystem fills up."""
-        path = self._reserve_path()
-        with contextlib.suppress(OSError):
-            if os.path.exists(path) and os.stat(path).st_blocks * 512 >= METADATA_RESERVE:
-                self._reserve_released = False
-                return
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                os.posix_fallocate(fd, 0, METADATA_RESERVE)
-                self._reserve_released = False
-            except OSError:
-                os.ftruncate(fd, 0)
-            finally:
-                os.close(fd)
+        """Keep FREE_RESERVE bytes for changes that free space (deletes: `_release_free_reserve`) and
+        METADATA_RESERVE bytes for any metadata commit, freed when the filesystem fills up. Called at open too:
+        one that cannot be made there (a full state dir) counts as released, so copies leave space for
+        metadata and the copier's tick makes it once space returns."""
+        made = True
+        for name, size in (("free.reserve", FREE_RESERVE), ("metadata.reserve", METADATA_RESERVE)):
+            made = _hold(self._reserve_path(name), size) and made
+        self._reserve_released = not made
 
     def _release_reserve(self) -> bool:
         path = self._reserve_path()
@@ -234,9 +229,35 @@ class Durability(BypassGrants):
         self._reserve_released = True
         return True
 
+    def _release_free_reserve(self) -> bool:
+        """The last space, for a change that frees space (a delete) on a full state dir."""
+        path = self._reserve_path("free.reserve")
+        if not os.path.exists(path) or os.stat(path).st_size == 0:
+            return False
+        log.warning("state dir %s is full: releasing the reserve kept for deletes", self.state_dir)
+        os.truncate(path, 0)
+        self._reserve_released = True  # the copier's tick makes both again once space returns
+        return True
+
     def _check_copy_space(self) -> None:
         """Once the metadata reserve is given up, copies must leave its worth of space for metadata commits."""
         if self._reserve_released:
             st = os.statvfs(self.state_dir)
             if st.f_bavail * st.f_frsize < METADATA_RESERVE:
                 raise FileNoSpace("No space left on device (kept for metadata)", errno.ENOSPC)
+
+
+def _hold(path: str, size: int) -> bool:
+    """path holds size bytes of allocated space (made now if it can be). False when the filesystem is full."""
+    with contextlib.suppress(OSError):
+        if os.path.exists(path) and os.stat(path).st_blocks * 512 >= size:
+            return True
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return True
+        except OSError:
+            os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)
+    return False

@@ -40,22 +40,25 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import itertools
+import logging
 import os
 import resource
+import sqlite3
 import threading
 import time
 from collections.abc import Iterable
 from typing import Any
 
-from csi_driver.engine import errors
-from csi_driver.engine.bitmap import Bitmap, bit_runs
+from csi_driver.engine import datafiles, errors
+from csi_driver.engine.bitmap import bit_runs
 from csi_driver.engine.copier import pump, run_copier
 from csi_driver.engine.fileio import FileIO
 from csi_driver.engine.groups import Groups
 from csi_driver.engine.jobs import Jobs
-from csi_driver.engine.model import MappingState
-from csi_driver.engine.state import Group, Map, Vol
+from csi_driver.engine.state import Vol
 from csi_driver.engine.store import Changes, Store
+
+log = logging.getLogger(__name__)
 
 
 class Engine(Groups, Jobs):
@@ -88,6 +91,7 @@ class Engine(Groups, Jobs):
         self.last_start_hold = 0.0
         self._reserve_released = False
         self._reserve_checked = 0.0
+        self._files_checked = 0.0
         self._pool = {}
         self._init_bypass()
         os.makedirs(self.data_dir, exist_ok=True)
@@ -100,7 +104,14 @@ class Engine(Groups, Jobs):
             raise errors.EngineLocked(f"state dir {self.state_dir} is held by another process") from e
         _raise_fd_limit()
         try:
-            self._store = Store(os.path.join(self.state_dir, "meta.db"))
+            datafiles.check_db(os.path.join(self.state_dir, "meta.db"), self.data_dir)
+            try:
+                self._store = Store(os.path.join(self.state_dir, "meta.db"))
+            except sqlite3.OperationalError:
+                # a full state dir: SQLite cannot make its WAL; the space kept for freeing space lets it start
+                if not self._release_free_reserve():
+                    raise
+                self._store = Store(os.path.join(self.state_dir, "meta.db"))
             self._load()
             self._ensure_reserve()
         except BaseException:
@@ -119,65 +130,34 @@ class Engine(Groups, Jobs):
     # ------------------------------------------------------------------ loading and recovery
 
     def _load(self) -> None:
-        vols, maps, groups, bitmaps = self._store.load()
-        maxseq = 0
-        for r in vols:
-            f = r["file"]
-            if not isinstance(f, str) or f in ("", ".", "..") or "/" in f or "\0" in f:
-                # a path outside volumes/ (a tampered or corrupt meta.db): never opened, extended or unlinked
-                raise errors.InvalidState(f"meta.db names data file {f!r} for volume {r['id']}: not a file name "
-                                          f"in volumes/; refusing to open the state dir")
-            v = Vol(r["id"], r["seq"], r["name"], r["size"], r["grain"], r["attrs"], r["created"], f)
-            v.deleted = bool(r["deleted"])
-            v.offline = r["offline"]
-            v.clean_rate = r["clean_rate"]
-            bm = bitmaps.get("v:" + v.id)
-            if bm is not None:
-                v.bits = Bitmap(bm[0], bm[1])
-            self._vols[v.id] = v
-            maxseq = max(maxseq, v.seq)
-        for r in vols:
-            if r["upstream"]:
-                v, up = self._vols[r["id"]], self._vols[r["upstream"]]
-                v.upstream, up.downstream = up, v
-        for r in maps:
-            m = Map(r["id"], r["seq"], r["name"], r["source"], r["target"], r["grain"])
-            m.state = MappingState(r["state"])
-            for k in ("copy_rate", "clean_rate", "group_id", "start_time", "error"):
-                setattr(m, k, r[k])
-            m.incremental, m.autodelete = bool(r["incremental"]), bool(r["autodelete"])
-            m.restore, m.copied = bool(r["restore"]), bool(r["copied"])
-            bm = bitmaps.get("d:" + m.id)
-            if m.incremental and bm is not None:
-                m.diff = Bitmap(bm[0], bm[1])
-            # a prepare interrupted by the crash never started: back to where it can be prepared again
-            if m.state in (MappingState.PREPARING, MappingState.PREPARED):
-                m.state = MappingState.STOPPED if m.start_time else MappingState.IDLE_OR_COPIED
-                self._dirty_map(m)
-            self._maps[m.id] = m
-            maxseq = max(maxseq, m.seq)
-        for r in groups:
-            g = Group(r["id"], r["seq"], r["name"])
-            g.start_time = r["start_time"]
-            self._groups[g.id] = g
-            maxseq = max(maxseq, g.seq)
-        self._seq = itertools.count(maxseq + 1)
-        self._attach_trackers()
-        # data files: make sizes match the metadata, drop orphans of interrupted creates
+        nvols = self._load_records()
+        # data files against the metadata: nothing deleted, extended or recreated on a guess (datafiles.py)
+        intents = self._store.intents()
+        datafiles.check_known(self._store.path, self.data_dir, nvols, intents)
         known = {v.file for v in self._vols.values()}
-        for fname in os.listdir(self.data_dir):
-            if fname not in known:
-                os.unlink(os.path.join(self.data_dir, fname))
+        self._store.clear_intents(datafiles.sort_orphans(self.state_dir, self.data_dir, known, intents))
         for v in self._vols.values():
-            path = os.path.join(self.data_dir, v.file)
-            if not os.path.exists(path):
-                fd = self._io.open(path, create=True)
-                self._io.close(fd)
-            fd = self._fd(v)
-            if self._io.size(fd) != v.size:
-                self._io.truncate(fd, v.size)
+            self._check_data_file(v)
         if self._ch:
             self._commit()
+
+    def _check_data_file(self, v: Vol) -> None:
+        """Open v's file; a missing or truncated one takes v offline in memory (I/O fails, the condition says
+        why) and is left as it is; a longer one is an uncommitted resize, cut back."""
+        if v.offline.startswith(datafiles.BROKEN):
+            v.offline = ""  # an earlier open's finding, written since by another change: look again
+            self._dirty_vol(v)
+        why = datafiles.broken_reason(os.path.join(self.data_dir, v.file), v.size)
+        if why:
+            if v.deleted and not v.downstream:
+                return  # nothing reads it: its file goes anyway
+            log.error("volume %s is unusable: %s", v.id, why)
+            v.offline = why  # in memory only: a restored file serves again on the next open
+            return
+        fd = self._fd(v)
+        if self._io.size(fd) > v.size:
+            log.warning("volume %s: data file longer than the volume (an uncommitted resize): cut back", v.id)
+            self._io.truncate(fd, v.size)
 
     # ------------------------------------------------------------------ host I/O
 
@@ -371,7 +351,14 @@ class Engine(Groups, Jobs):
             self._bypass_quiet()
             self._bypass_collect_dirty()
             self._bypass_vols.clear()  # no grant comes back: the files close
-            self._flush_all()
+            failed: Exception | None = None
+            try:
+                self._flush_all()
+            except Exception as e:
+                # (a full state dir) the close goes on, so a shutdown does not stop half-way; the caller hears
+                # of it below, and what was not made durable is what a crash would leave (the journal has it)
+                log.error("engine close: the final flush failed: %s", e)
+                failed = e
             self._closed = True
             self._held.clear()
             self._gate.notify_all()
@@ -385,6 +372,8 @@ class Engine(Groups, Jobs):
                     v.fd = -1
             self._store.close()
             os.close(self._lockfd)
+        if failed is not None:
+            raise failed
 
     def abandon(self) -> None:
         """Let go of the state dir as a killed process would: no flush, no commit; the files and the lock close.

@@ -113,8 +113,11 @@ class FileIO:
 
     def pread(self, fd: int, length: int, offset: int) -> bytes:
         data = os.pread(fd, length, offset)
-        if len(data) < length:  # past EOF reads as zeros (a size change may not have been durable)
-            data += bytes(length - len(data))
+        if len(data) < length:
+            # sizes are durable before a commit names them (state._create_file, resize): a short file was cut
+            # under the engine, and zeros here would be served as the volume's data
+            raise OSError(errno.EIO, f"data file ends at {offset + len(data)}, short of {offset + length} "
+                                     "(truncated under the engine?)")
         return data
 
     @_engine_errors

@@ -128,6 +128,7 @@ class Jobs(Mappings):
     def background_commit(self, *, now: bool) -> None:
         if not now:
             self._periodic_commit()
+            self._check_files()
             return
         with self._lock:
             self._commit()

@@ -218,8 +218,7 @@ class Mappings(Volumes):
                 # freeing a large file's extents takes long, and host I/O to every volume waits on this lock
                 old = Vol(t.id, t.seq, t.name, t.size, t.grain, {}, t.created, t.file)
                 old.fd, t.fd = t.fd, -1
-                t.file = f"{t.id}.{secrets.token_hex(4)}.img"
-                self._create_file(t)
+                self._create_file(t, f"{t.id}.{secrets.token_hex(4)}.img")
                 self._dirty_vol(t)
                 self._stale_files.append(old)
         self._commit()  # I6: every target, mapping and link of the start in one transaction

@@ -162,6 +162,8 @@ class EngineState:
     last_start_hold: float
     _reserve_released: bool
     _reserve_checked: float
+    #: when the copier last checked that every open data file is whole (volumes._check_files)
+    _files_checked: float
     #: grain buffers for held writes, reused: a fresh 256 KiB allocation costs page faults on every write
     _pool: dict[int, list[bytearray]]
 
@@ -230,14 +232,23 @@ class EngineState:
 
     def _fd(self, v: Vol) -> int:
         if v.fd < 0:
-            v.fd = self._io.open(os.path.join(self.data_dir, v.file), create=True)
+            # never create: only _create_file makes a data file (a missing one is a broken volume, datafiles.py)
+            v.fd = self._io.open(os.path.join(self.data_dir, v.file))
         return v.fd
 
-    def _create_file(self, v: Vol) -> None:
-        path = os.path.join(self.data_dir, v.file)
+    def _create_file(self, v: Vol, file: str | None = None) -> None:
+        """Make v's data file (named file: v.file becomes it once made), full size. A create intent is durable
+        first (the next open may delete the file if no commit names it, datafiles.py), and the size is durable
+        before any commit names the file: a file shorter than its volume is never a crash's doing, so it is
+        never re-extended."""
+        file = file or v.file
+        path = os.path.join(self.data_dir, file)
+        self._io.commit_metadata(self._store, Changes(intents={file}))
         fd = self._io.open(path, create=True)
         try:
             self._io.truncate(fd, v.size)
+            self._io.fdatasync(fd)
+            _fsync_dir(self.data_dir)
         except BaseException as e:
             self._io.close(fd)
             with contextlib.suppress(OSError):
@@ -245,7 +256,7 @@ class EngineState:
             if isinstance(e, errors.OutOfRange):
                 raise errors.OutOfRange(f"{v.size} bytes is more than the state dir's filesystem allows") from e
             raise
-        v.fd = fd
+        v.file, v.fd = file, fd
 
     def _drop_file(self, v: Vol) -> None:
         if v.fd >= 0:
@@ -259,7 +270,10 @@ class EngineState:
     def _vinfo(self, v: Vol) -> VolumeInfo:
         m = self._incoming(v)
         status = "offline" if v.offline else "online"
-        alloc = self._io.allocated(self._fd(v)) if v.fd >= 0 or not v.deleted else 0
+        try:
+            alloc = self._io.allocated(self._fd(v)) if v.fd >= 0 or not v.deleted else 0
+        except FileNotFoundError:  # a broken volume (its file missing, datafiles.py): offline, says why
+            alloc = 0
         return VolumeInfo(
             id=v.id, name=v.name, size=v.size, grain_size=v.grain, attrs=dict(v.attrs), created_at=v.created,
             allocated_bytes=alloc, status=status, error=v.offline or (m.error if m else ""),
@@ -308,3 +322,11 @@ class EngineState:
     def _ginfo(self, g: Group) -> GroupInfo:
         return GroupInfo(id=g.id, name=g.name, state=self._group_state(g),
                          mapping_ids=tuple(m.id for m in self._members(g)), start_time=g.start_time)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

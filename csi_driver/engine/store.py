@@ -32,7 +32,12 @@ CREATE TABLE IF NOT EXISTS mappings (
 CREATE TABLE IF NOT EXISTS groups (id TEXT PRIMARY KEY, seq INTEGER NOT NULL, name TEXT NOT NULL,
     start_time REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS bitmaps (key TEXT PRIMARY KEY, n INTEGER NOT NULL, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS intents (file TEXT PRIMARY KEY, kind TEXT NOT NULL);
 """
+
+#: intents: data files the engine may delete at open when no volume row names them. "create": committed before
+#: the file is made, gone with the commit whose row names it (a crash between leaves the intent and the file);
+#: "drop": recorded in the transaction that stops naming a file (deleted row, or a row moved to a new file)
 
 VOLUME_COLS = ("id", "seq", "name", "size", "grain", "attrs", "created", "deleted", "file", "upstream",
                "offline", "clean_rate")
@@ -53,10 +58,13 @@ class Changes:
     del_mappings: set[str] = field(default_factory=set)
     del_groups: set[str] = field(default_factory=set)
     del_bitmaps: set[str] = field(default_factory=set)
+    #: data files about to be created (a durable create intent, committed before the file exists)
+    intents: set[str] = field(default_factory=set)
 
     def __bool__(self) -> bool:
         return any((self.volumes, self.mappings, self.groups, self.bitmaps, self.del_volumes,
-                    self.del_mappings, self.del_groups, self.del_bitmaps))
+                    self.del_mappings, self.del_groups, self.del_bitmaps, self.intents))
+
 
 
 def _private(path: str) -> None:
@@ -69,6 +77,7 @@ def _private(path: str) -> None:
 
 class Store:
     def __init__(self, path: str) -> None:
+        self.path = path
         _private(path)  # before SQLite makes its -wal/-shm: they take the database file's mode
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -98,6 +107,15 @@ class Store:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
+            if ch.intents:
+                db.executemany("INSERT OR REPLACE INTO intents VALUES (?, 'create')", [(f,) for f in ch.intents])
+            if ch.volumes:
+                # before the rows change: a row moving to a new file (a restarted target) lets its old one go
+                db.executemany("INSERT OR REPLACE INTO intents SELECT file, 'drop' FROM volumes "
+                               "WHERE id=? AND file<>?", [(r[0], r[8]) for r in ch.volumes.values()])
+            if ch.del_volumes:
+                db.executemany("INSERT OR REPLACE INTO intents SELECT file, 'drop' FROM volumes WHERE id=?",
+                               [(k,) for k in ch.del_volumes])
             for table, cols, upserts, dels in (
                 ("volumes", VOLUME_COLS, ch.volumes, ch.del_volumes),
                 ("mappings", MAPPING_COLS, ch.mappings, ch.del_mappings),
@@ -108,6 +126,8 @@ class Store:
                     db.executemany(f"INSERT OR REPLACE INTO {table} VALUES ({marks})", upserts.values())
                 if dels:
                     db.executemany(f"DELETE FROM {table} WHERE id=?", [(k,) for k in dels])
+            if ch.volumes:
+                db.executemany("DELETE FROM intents WHERE file=?", [(r[8],) for r in ch.volumes.values()])
             if ch.bitmaps:
                 # bitmaps are mostly runs of 0x00 or 0xff: compressed they cost the WAL little
                 db.executemany("INSERT OR REPLACE INTO bitmaps VALUES (?,?,?)",
@@ -121,6 +141,13 @@ class Store:
             if isinstance(e, sqlite3.OperationalError) and "full" in str(e):
                 raise OSError(errno.ENOSPC, f"metadata: {e}") from e
             raise
+
+    def intents(self) -> dict[str, str]:
+        """file -> kind of every recorded intent (see the intents table)."""
+        return dict(self._db.execute("SELECT file, kind FROM intents").fetchall())
+
+    def clear_intents(self, files: Iterable[str]) -> None:
+        self._db.executemany("DELETE FROM intents WHERE file=?", [(f,) for f in files])
 
     def close(self) -> None:
         self._db.close()

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import logging
+import os
 import secrets
 import time
+from collections.abc import Iterator
 
-from csi_driver.engine import errors
+from csi_driver.engine import datafiles, errors
+from csi_driver.engine.bitmap import Bitmap
 from csi_driver.engine.bypass import changes_io
 from csi_driver.engine.cascade import Cascade
 from csi_driver.engine.model import (
@@ -18,7 +24,12 @@ from csi_driver.engine.model import (
     VolumeInfo,
     valid_id,
 )
-from csi_driver.engine.state import Vol
+from csi_driver.engine.state import Group, Map, Vol
+from csi_driver.engine.store import Changes
+
+log = logging.getLogger(__name__)
+
+FILE_CHECK_INTERVAL = 5.0  # seconds between checks that every open data file is still whole
 
 
 class Volumes(Cascade):
@@ -59,6 +70,124 @@ class Volumes(Cascade):
             self._dirty_vol(v)
             self._commit_or_forget([v])
             return self._vinfo(v)
+
+    def _load_records(self) -> int:
+        """Volumes, mappings and groups from the store into memory (at open, and to undo a failed change).
+        Returns how many volume rows there are."""
+        vols, maps, groups, bitmaps = self._store.load()
+        maxseq = 0
+        for r in vols:
+            f = r["file"]
+            if not isinstance(f, str) or f in ("", ".", "..") or "/" in f or "\0" in f:
+                # a path outside volumes/ (a tampered or corrupt meta.db): never opened, extended or unlinked
+                raise errors.InvalidState(f"meta.db names data file {f!r} for volume {r['id']}: not a file name "
+                                          f"in volumes/; refusing to open the state dir")
+            v = Vol(r["id"], r["seq"], r["name"], r["size"], r["grain"], r["attrs"], r["created"], f)
+            v.deleted = bool(r["deleted"])
+            v.offline = r["offline"]
+            v.clean_rate = r["clean_rate"]
+            bm = bitmaps.get("v:" + v.id)
+            if bm is not None:
+                v.bits = Bitmap(bm[0], bm[1])
+            self._vols[v.id] = v
+            maxseq = max(maxseq, v.seq)
+        for r in vols:
+            if r["upstream"]:
+                v, up = self._vols[r["id"]], self._vols[r["upstream"]]
+                v.upstream, up.downstream = up, v
+        for r in maps:
+            m = Map(r["id"], r["seq"], r["name"], r["source"], r["target"], r["grain"])
+            m.state = MappingState(r["state"])
+            for k in ("copy_rate", "clean_rate", "group_id", "start_time", "error"):
+                setattr(m, k, r[k])
+            m.incremental, m.autodelete = bool(r["incremental"]), bool(r["autodelete"])
+            m.restore, m.copied = bool(r["restore"]), bool(r["copied"])
+            bm = bitmaps.get("d:" + m.id)
+            if m.incremental and bm is not None:
+                m.diff = Bitmap(bm[0], bm[1])
+            # a prepare interrupted by the crash never started: back to where it can be prepared again
+            if m.state in (MappingState.PREPARING, MappingState.PREPARED):
+                m.state = MappingState.STOPPED if m.start_time else MappingState.IDLE_OR_COPIED
+                self._dirty_map(m)
+            self._maps[m.id] = m
+            maxseq = max(maxseq, m.seq)
+        for r in groups:
+            g = Group(r["id"], r["seq"], r["name"])
+            g.start_time = r["start_time"]
+            self._groups[g.id] = g
+            maxseq = max(maxseq, g.seq)
+        self._seq = itertools.count(maxseq + 1)
+        self._attach_trackers()
+        return len(vols)
+
+    @contextlib.contextmanager
+    def _all_or_nothing(self) -> Iterator[None]:
+        """A change whose commit may fail (a full state dir) leaves memory as the disk has it: what came before
+        is committed first (a failure there changes nothing), and a failure inside reloads the records from
+        the store, so a retry fails the same way or succeeds for real, never answers OK for a change that
+        comes back after a restart. Lock held."""
+        self._commit()
+        try:
+            yield
+        except BaseException:
+            self._reload_records()
+            raise
+
+    def _reload_records(self) -> None:
+        """Memory := the store (after `_commit` failed). Open files, held writes and in-memory findings
+        (broken data files) carry over to the reloaded records of the same volume and file."""
+        old = self._vols
+        self._vols, self._maps, self._groups, self._feeds = {}, {}, {}, None
+        self._ch, self._bits_dirty = Changes(), {}
+        self._load_records()
+        for v in self._vols.values():
+            o = old.pop(v.id, None)
+            if o is not None and o.file == v.file:
+                v.fd, o.fd = o.fd, -1
+                v.pending, o.pending = o.pending, {}
+                if o.offline.startswith(datafiles.BROKEN) and not v.offline:
+                    v.offline = o.offline
+        for o in old.values():  # made by the failed change only: its intent lets the next open drop the file
+            if o.fd >= 0 and o not in self._unlink_later:
+                self._io.close(o.fd)
+                o.fd = -1
+        keep = {v.file for v in self._vols.values()}
+        self._unlink_later = [v for v in self._unlink_later if v.file not in keep]
+        by_id = self._vols
+        self._host_dirty = {by_id[v.id] for v in self._host_dirty if v.id in by_id}
+        self._copy_dirty = {by_id[v.id] for v in self._copy_dirty if v.id in by_id}
+
+    def _commit_freeing(self) -> None:
+        """Commit a change that frees space (a delete): on a full state dir the space kept for such changes
+        (durability.FREE_RESERVE) is given up, so space can always be freed through the driver."""
+        try:
+            self._commit()
+        except errors.NoSpace:
+            if not self._release_free_reserve():
+                raise
+            self._commit()
+
+    def _check_files(self) -> None:
+        """The copier's tick, every FILE_CHECK_INTERVAL: a data file deleted or cut short under the running
+        engine takes its volume offline (I/O fails, the condition says why; datafiles.py), never refilled."""
+        now = time.monotonic()
+        if now - self._files_checked < FILE_CHECK_INTERVAL:
+            return
+        self._files_checked = now
+        with self._lock:
+            for v in self._vols.values():
+                if v.fd < 0 or v.offline:
+                    continue
+                st = os.fstat(v.fd)
+                why = ""
+                if st.st_nlink == 0:
+                    why = f"{datafiles.BROKEN}{v.file} was deleted under the running engine"
+                elif st.st_size < v.size:
+                    why = (f"{datafiles.BROKEN}{v.file} was truncated under the running engine: "
+                           f"{st.st_size} of {v.size} bytes")
+                if why:
+                    log.error("volume %s is unusable: %s", v.id, why)
+                    v.offline = why  # in memory only (datafiles.py): the next open looks again
 
     def _commit_or_forget(self, new_vols: list[Vol]) -> None:
         try:
@@ -119,6 +248,7 @@ class Volumes(Cascade):
             self._flush_all()
             try:
                 self._io.truncate(self._fd(v), new_size)
+                self._io.fdatasync(self._fd(v))  # the size is durable before the commit names it (datafiles.py)
             except errors.OutOfRange as e:
                 raise errors.OutOfRange(f"{new_size} bytes is more than the filesystem allows") from e
             v.size = new_size
@@ -139,23 +269,28 @@ class Volumes(Cascade):
         with self._lock:
             self._check_open()
             v = self._vol(volume_id)
-            inc = self._incoming(v) if v.upstream is not None else None
-            if inc is not None:
-                v.clean_rate = inc.clean_rate
-            elif v.downstream is not None:
-                dm = self._incoming(v.downstream)
-                v.clean_rate = dm.clean_rate if dm else 0
-            for m in list(self._maps.values()):
-                # mappings into v are pointless now; mappings out of v that still copy keep going
-                if m.target == v.id or (m.source == v.id and m.state not in (MappingState.COPYING,
-                                                                            MappingState.STOPPING)):
-                    self._forget_mapping(m)
-            if v.upstream is not None and v.downstream is None:
-                self._unlink(v)  # a target nobody reads through: just cut it off
-            v.deleted = True
-            v.name = f"{v.name}\0deleted\0{v.id}"  # frees the name for reuse
-            self._dirty_vol(v)
-            self._reap()
-            self._commit()
+            with self._all_or_nothing():
+                self._delete_volume(v)
             self._ensure_reserve()  # space may have come back
             self._work.notify_all()
+
+    def _delete_volume(self, v: Vol) -> None:
+        """delete_volume's change, lock held, inside _all_or_nothing."""
+        inc = self._incoming(v) if v.upstream is not None else None
+        if inc is not None:
+            v.clean_rate = inc.clean_rate
+        elif v.downstream is not None:
+            dm = self._incoming(v.downstream)
+            v.clean_rate = dm.clean_rate if dm else 0
+        for m in list(self._maps.values()):
+            # mappings into v are pointless now; mappings out of v that still copy keep going
+            if m.target == v.id or (m.source == v.id and m.state not in (MappingState.COPYING,
+                                                                        MappingState.STOPPING)):
+                self._forget_mapping(m)
+        if v.upstream is not None and v.downstream is None:
+            self._unlink(v)  # a target nobody reads through: just cut it off
+        v.deleted = True
+        v.name = f"{v.name}\0deleted\0{v.id}"  # frees the name for reuse
+        self._dirty_vol(v)
+        self._reap()
+        self._commit_freeing()

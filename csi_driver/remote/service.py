@@ -364,6 +364,9 @@ def run_engine(args: argparse.Namespace) -> int:
         except errors.EngineLocked as e:
             log.error("another engine process holds the state dir", extra={"fields": {"error": str(e)}})
             return 1
+        except errors.EngineError as e:  # e.g. datafiles.MetadataMissing: never ready, nothing touched
+            log.error("cannot open the state dir", extra={"fields": {"error": str(e)}})
+            return 1
         engine = backend.engine
         try:
             # mounts the FUSE export (clearing a dead predecessor's) and re-adopts the staging records
@@ -475,8 +478,14 @@ def _shutdown(engine: Engine, datapath: DataPath) -> int:
         # stop reading requests before the engine closes: the kernel keeps the rest for the next process
         with contextlib.suppress(Exception):
             datapath.stop(handover=True)
+    # each step is tried whatever the one before did (a full state dir fails the flush): the export is
+    # still unmounted and the keeper stopped below, the engine still closed
     try:
         engine.flush()
+    except Exception:
+        log.exception("engine flush failed")
+        code = 1
+    try:
         engine.close()  # FUSE requests arriving from now on fail with EIO (EngineClosed)
     except Exception:
         log.exception("engine close failed")
@@ -486,7 +495,11 @@ def _shutdown(engine: Engine, datapath: DataPath) -> int:
                  extra={"fields": {"exit_code": code, "staged": ",".join(r.volume_id for r in staged)}})
         return code
     if not staged:
-        datapath.stop()
+        try:
+            datapath.stop()
+        except Exception:
+            log.exception("data path stop failed")
+            code = 1
         log.info("stopped", extra={"fields": {"exit_code": code}})
         return code
     # Staged volumes keep their loop devices and mounts (see the module doc). Their loop devices hold the
