@@ -89,12 +89,13 @@ class Groups(Mappings):
         """Delete the group; its mappings become stand-alone (FlashCopy's group 0)."""
         with self._lock:
             g = self._group(group_id)
-            for m in self._members(g):
-                m.group_id = None
-                self._dirty_map(m)
-            self._groups.pop(g.id)
-            self._ch.del_groups.add(g.id)
-            self._commit()
+            with self._all_or_nothing():  # a failed commit (a full state dir) leaves the group as on disk
+                for m in self._members(g):
+                    m.group_id = None
+                    self._dirty_map(m)
+                self._groups.pop(g.id)
+                self._ch.del_groups.add(g.id)
+                self._commit_freeing()
 
     @changes_io
     def snapshot_group(self, items: Sequence[CopyItem], *, group_name: str, copy_rate: int = 0,

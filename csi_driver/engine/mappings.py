@@ -305,17 +305,18 @@ class Mappings(Volumes):
             m = self._map(mapping_id)
             if m.state == MappingState.STOPPED and not force:
                 raise errors.InvalidState(f"mapping {m.id} is stopped; delete with force")
-            if m.state not in (MappingState.IDLE_OR_COPIED, MappingState.STOPPED):
-                if not force:
-                    raise errors.InvalidState(f"mapping {m.id} is {m.state.value}; stop it first")
-                self._stop(m, True)
-            t = self._vols.get(m.target)
-            if t is not None and m.state == MappingState.STOPPED:
-                t.offline = ""  # force-deleting a stopped mapping brings its target back, as it is
-                self._dirty_vol(t)
-            self._forget_mapping(m)
-            self._reap()
-            self._commit()
+            if m.state not in (MappingState.IDLE_OR_COPIED, MappingState.STOPPED) and not force:
+                raise errors.InvalidState(f"mapping {m.id} is {m.state.value}; stop it first")
+            with self._all_or_nothing():  # a failed commit (a full state dir) leaves the mapping as on disk
+                if m.state not in (MappingState.IDLE_OR_COPIED, MappingState.STOPPED):
+                    self._stop(m, True)
+                t = self._vols.get(m.target)
+                if t is not None and m.state == MappingState.STOPPED:
+                    t.offline = ""  # force-deleting a stopped mapping brings its target back, as it is
+                    self._dirty_vol(t)
+                self._forget_mapping(m)
+                self._reap()
+                self._commit_freeing()
 
     # ------------------------------------------------------------------ one-call copies
 

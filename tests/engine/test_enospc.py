@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from csi_driver.engine import Engine, MappingState, errors
+from csi_driver.engine import CopyItem, Engine, MappingState, errors
 
 MiB = 1024 * 1024
 
@@ -184,5 +184,36 @@ def test_delete_frees_space_on_a_full_state_dir_also_after_a_restart(tiny_fs) ->
     eng = Engine.open(str(tiny_fs / "state"), background=False)
     try:
         assert eng.list_volumes() == []
+    finally:
+        eng.close()
+
+
+def test_failed_group_and_mapping_deletes_on_a_full_state_dir_change_nothing(tiny_fs) -> None:
+    """Issue 22 item 3, the same rule for DeleteVolumeGroupSnapshot (delete_group) and a mapping's delete."""
+    eng = Engine.open(str(tiny_fs / "state"), background=False)
+    try:
+        a = eng.create_volume("a", 4 * MiB)
+        b = eng.create_volume("b", 4 * MiB)
+        group, _pairs = eng.snapshot_group([CopyItem(a.id, "sa"), CopyItem(b.id, "sb")], group_name="g")
+        clone, m = eng.clone(a.id, "clone", copy_rate=0)
+        fill_all(str(tiny_fs))
+        for _ in range(2):
+            with pytest.raises(errors.NoSpace):
+                eng.delete_group(group.id)
+            assert eng.get_group(group.id).name == "g"
+            with pytest.raises(errors.NoSpace):
+                eng.delete_mapping(m.id, force=True)
+            assert eng.get_mapping(m.id).target_id == clone.id
+        os.unlink(tiny_fs / "filler")
+        eng.delete_group(group.id)
+        eng.delete_mapping(m.id, force=True)
+    finally:
+        eng.close()
+    eng = Engine.open(str(tiny_fs / "state"), background=False)
+    try:
+        with pytest.raises(errors.NotFound):
+            eng.get_group(group.id)
+        with pytest.raises(errors.NotFound):
+            eng.get_mapping(m.id)
     finally:
         eng.close()
