@@ -232,6 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
                              "seconds: waiting I/O then fails with EIO instead of hanging the node "
                              "(env CSI_FLASHCOPY_FUSE_KEEPER_ABORT_AFTER; default 120; 0: never)")
 
+    doctor = sub.add_parser("doctor", help="check what the node data path needs on this node (FUSE, loop "
+                            "devices, host tools, mount propagation, capabilities, free space); exit 1 when a "
+                            "must-have is missing")
+    _add_common(doctor)
+    doctor.add_argument("--kubelet-dir", default=_env("CSI_KUBELET_DIR", "/var/lib/kubelet"),
+                        help="the kubelet's root dir, whose propagation is checked (env CSI_KUBELET_DIR; empty: "
+                             "not checked)")
+    doctor.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format")
+    doctor.add_argument("--exit-zero", action="store_true",
+                        help="exit 0 even when a must-have is missing (report only)")
+
     demo = sub.add_parser("demo", help="a short engine tour on a local state directory")
     demo.add_argument("--state-dir", default=_env("CSI_FLASHCOPY_STATE_DIR", "./state"))
 
@@ -261,6 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from csi_driver.remote.service import run_fuse_keeper
 
         return run_fuse_keeper(args)
+    if args.command == "doctor":
+        from csi_driver.remote.doctor import run_doctor
+
+        return run_doctor(args)
     if args.command == "demo":
         from csi_driver.demo import run_demo
 

@@ -630,7 +630,8 @@ class DataPath:
         why = self.export.restart_fails()
         if why:
             # not abnormal now, but an operator should know before restarting the engine
-            return False, f"healthy; a restart of the node engine would fail its I/O: {why}"
+            return False, (f"healthy; a restart of the node engine would fail its I/O: {why} (`csi-flashcopy "
+                           "doctor` on the node lists what it lacks)")
         return False, "healthy"
 
     def expand(self, volume_id: str, volume_path: str, required_bytes: int) -> int:
@@ -650,8 +651,8 @@ class DataPath:
                         and privileged.ext4_size(dev) < privileged.block_size_bytes(dev)):
                     raise errors.InvalidState(
                         f"volume {volume_id}: growing a mounted ext4 filesystem needs CAP_SYS_RESOURCE, which the "
-                        "node process lacks; the device has grown and the filesystem grows (offline) when the "
-                        "volume is next staged")
+                        "node process lacks (`csi-flashcopy doctor` on the node shows it); the device has grown "
+                        "and the filesystem grows (offline) when the volume is next staged")
                 privileged.resize_filesystem(dev, rec.staging_path, rec.fs_type)
             return privileged.block_size_bytes(dev)
 

@@ -87,6 +87,11 @@ def test_csi_flashcopy_args_parse_with_the_cli(renders: dict[str, list[pm.Obj]],
             except SystemExit as e:
                 pytest.fail(f"{name} {c['name']}: csi-flashcopy rejects {c['args']} (exit {e.code})")
             seen.add((ns.command, getattr(ns, "mode", "")))
+            if ns.command == "doctor":
+                # the node pod's init container: reports on the dirs the mounting container gets, never blocks
+                assert ns.state_dir == values["stateDir"] and ns.kubelet_dir == values["kubeletDir"]
+                assert ns.exit_zero and ns.output == ("json" if values["logFormat"] == "json" else "table")
+                continue
             assert ns.log_format == values["logFormat"] and ns.log_level == values["logLevel"]
             assert ns.state_dir == values["stateDir"] or ns.command == "serve" and ns.mode == "controller"
             if ns.command == "fuse-keeper":
@@ -123,7 +128,8 @@ def test_csi_flashcopy_args_parse_with_the_cli(renders: dict[str, list[pm.Obj]],
             want = {"POD_IP": "status.podIP", "NODE_NAME": "spec.nodeName", "POD_NAMESPACE": "metadata.namespace"}
             for var, e in env.items():
                 assert e["valueFrom"]["fieldRef"]["fieldPath"] == want[var], f"{name}: {var}"
-    assert seen == {("serve", "all"), ("serve", "node"), ("serve", "controller"), ("engine", ""), ("fuse-keeper", "")}
+    assert seen == {("serve", "all"), ("serve", "node"), ("serve", "controller"), ("engine", ""), ("fuse-keeper", ""),
+                    ("doctor", "")}
 
 
 def test_one_driver_name_everywhere(renders: dict[str, list[pm.Obj]], kustomized: dict[str, list[pm.Obj]]) -> None:
