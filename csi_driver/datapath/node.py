@@ -582,14 +582,15 @@ class DataPath:
             raise errors.NotFound(f"volume {volume_id} is not staged or published at {path}")
         return rec
 
-    @staticmethod
-    def _same_device(path: str, rec: StageRecord) -> bool:
+    def _same_device(self, path: str, rec: StageRecord) -> bool:
         """path is a node of the volume's block device: kubelet asks for stats of block volumes at its own
-        per-pod bind mount of the device (.../volumeDevices/<pv>/dev/<pod-uid>), not at our publish target."""
-        if not rec.loop_device:
+        per-pod bind mount of the device (.../volumeDevices/<pv>/dev/<pod-uid>), not at our publish target.
+        The device is found from sysfs: a stale record's number may be another volume's."""
+        loop = self._live_loop(rec.volume_id)
+        if not loop:
             return False
         try:
-            st, dev = os.stat(path), os.stat(rec.loop_device)
+            st, dev = os.stat(path), os.stat(loop)
         except OSError:
             return False
         return stat.S_ISBLK(st.st_mode) and st.st_rdev == dev.st_rdev
@@ -670,10 +671,11 @@ class DataPath:
         mps = [r.staging_path for r in recs
                if not r.block and not r.read_only and privileged.is_mountpoint(r.staging_path)]
         for r in recs:
-            if r.block and r.loop_device and not r.read_only:
+            loop = self._live_loop(r.volume_id) if r.block and not r.read_only else None  # sysfs, not the record
+            if loop:
                 # no filesystem to freeze: push the device's page cache down to the engine instead
                 with contextlib.suppress(OSError):
-                    fd = os.open(r.loop_device, os.O_RDONLY)
+                    fd = os.open(loop, os.O_RDONLY)
                     try:
                         os.fsync(fd)
                     finally:

@@ -37,6 +37,8 @@ def test_publish_refuses_a_recorded_loop_device_that_backs_another_volume(engine
     # a stale record: A's device number was freed and the kernel gave it to B
     datapath._records.items[a.id].loop_device = rec_b.loop_device
     datapath._records.save()
+    with pytest.raises(errors.NotFound):  # B's device node is no path of A's, whatever the record says
+        datapath.stats(a.id, rec_b.loop_device)
     target = f"{workdir}/pod-a"
     with pytest.raises(errors.InvalidState, match="backs"):
         datapath.publish(a.id, f"{workdir}/sa", target, block=True)
