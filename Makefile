@@ -3,12 +3,15 @@
 #               process (volume data, FUSE exports) and stops it again on Ctrl-C/SIGTERM, leaving nothing behind
 #   make test   install everything the tests need, then lint, type-check and run all the tests
 # Also: make bench (every benchmark; BENCH_ARGS=--quick for a smoke run), make lint, make typecheck.
+#   make image  the driver image from the Dockerfile into dist/image.tar (docker-archive), tagged
+#               ghcr.io/csi-flashcopy/csi-flashcopy:<the chart's appVersion>; root, no container registry or daemon
+#               (debootstrap + buildah: deploy/image/build.sh)
 PYTHON ?= python3
 STATE ?= $(CURDIR)/state
 BENCH_ARGS ?=
 RUN_ARGS ?=
 
-.PHONY: setup setup-python setup-system run test lint typecheck bench
+.PHONY: setup setup-python setup-system run test lint typecheck bench image
 
 setup-system:
 	bash .ci/setup-system.sh
@@ -34,3 +37,7 @@ test: setup typecheck
 
 bench: setup-python
 	$(PYTHON) -m bench.run_all $(BENCH_ARGS)
+
+image:
+	bash .ci/setup.d/50-image-tools.sh
+	bash deploy/image/build.sh
