@@ -170,7 +170,8 @@ class FileIO:
         except OSError as e:
             if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                 raise
-            self.pwrite(dst_fd, self.pread(src_fd, length - done, src_off + done), dst_off + done)
+            data = os.pread(src_fd, length - done, src_off + done)  # short: the rest is zeros, as above
+            self.pwrite(dst_fd, data + bytes(length - done - len(data)), dst_off + done)
 
     def is_hole(self, fd: int, offset: int, length: int) -> bool:
         """True when [offset, offset+length) holds no data (reads as zeros without reading)."""
