@@ -519,10 +519,12 @@ class DataPath:
             try:
                 self._records.save()
             except Exception:
-                if not had:  # not recorded, so not kept: a retry mounts again
+                if not had:  # not recorded, so not kept (what it made goes too): a retry publishes again
                     del rec.publishes[target_path]
+                    if rec.made is not None and target_path in rec.made:
+                        rec.made.remove(target_path)
                     with contextlib.suppress(Exception):
-                        privileged.umount(target_path)
+                        self._unpublish_path(target_path, delete=made)
                 raise
 
     @staticmethod

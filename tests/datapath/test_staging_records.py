@@ -113,3 +113,25 @@ def test_unpublish_and_unstage_work_on_a_full_state_dir(workdir):
             eng.close()
     finally:
         subprocess.run(["umount", "-l", tiny], check=False)
+
+
+def test_publish_whose_record_save_fails_leaves_nothing_at_the_target(engine, datapath, workdir):
+    state = os.path.join(workdir, "state")
+    v = engine.create_volume("v", 8 * MiB)
+    staging, target = f"{workdir}/st", f"{workdir}/pods/p1/dev"
+    datapath.stage(v.id, staging, block=True)
+    blocker = os.path.join(state, "staging.json.tmp")
+    os.mkdir(blocker)
+    try:
+        with pytest.raises(OSError):
+            datapath.publish(v.id, staging, target, block=True)
+        rec = datapath.record(v.id)
+        assert target not in rec.publishes and target not in (rec.made or [])
+        assert not privileged.is_mountpoint(target)
+        assert not os.path.exists(target)  # the file publish made for the bind goes with it
+    finally:
+        os.rmdir(blocker)
+    datapath.publish(v.id, staging, target, block=True)
+    assert target in _on_disk(state)[v.id]["publishes"]
+    datapath.unpublish(v.id, target)
+    datapath.unstage(v.id, staging)
