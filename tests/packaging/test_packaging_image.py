@@ -20,18 +20,21 @@ import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from csi_driver.datapath import doctor
 from tests.packaging import packaging_manifests as pm
 
 TAR = pm.REPO / "dist" / "image.tar"
 BUILD = os.environ.get("CSI_FLASHCOPY_IMAGE_BUILD") == "1"
-# what the node data path runs on the host (csi_driver/datapath), and the package that brings it
-HOST_TOOLS = ["mkfs.ext4", "mkfs.xfs", "losetup", "blkid", "fsfreeze", "mount", "umount", "resize2fs", "xfs_growfs",
-              "e2fsck", "dumpe2fs", "fallocate"]
+# what the node data path runs (csi-flashcopy doctor's list of the privileged verbs' commands), and fsfreeze and
+# fallocate (the snapshot quiesce, the tests' raw files)
+HOST_TOOLS = sorted({*doctor.TOOLS, "fsfreeze", "fallocate"})
 # the size budget of issue 23 (uncompressed root filesystem, apparent sizes); the build prints the figure
 MAX_ROOTFS_BYTES = 250_000_000
+Json = dict[str, Any]
 
 
 def _app_version() -> str:
@@ -68,23 +71,24 @@ def image_tar() -> Path:
     return TAR
 
 
-def _read_json(tar: tarfile.TarFile, name: str) -> dict:
+def _read_json(tar: tarfile.TarFile, name: str) -> Any:
     f = tar.extractfile(name)
     assert f is not None, name
     return json.load(f)
 
 
 @pytest.fixture(scope="module")
-def archive(image_tar: Path) -> tuple[dict, dict]:
+def archive(image_tar: Path) -> tuple[Json, Json]:
     """(the manifest entry, the image config) of the docker-archive."""
     with tarfile.open(image_tar) as tar:
-        manifest = _read_json(tar, "manifest.json")
+        manifest: list[Json] = _read_json(tar, "manifest.json")
         assert len(manifest) == 1, manifest
-        return manifest[0], _read_json(tar, manifest[0]["Config"])
+        config: Json = _read_json(tar, manifest[0]["Config"])
+        return manifest[0], config
 
 
 @pytest.fixture(scope="module")
-def rootfs(image_tar: Path, archive: tuple[dict, dict], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def rootfs(image_tar: Path, archive: tuple[Json, Json], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The image's root filesystem: its layers applied in order, whiteouts included (GNU tar keeps owners, modes and
     device nodes; the layers are our own build's)."""
     _need_root("unpacking the image's root filesystem (owners, device nodes) and chroot")
@@ -118,17 +122,17 @@ def rootfs(image_tar: Path, archive: tuple[dict, dict], tmp_path_factory: pytest
     shutil.rmtree(root)
 
 
-def _env(config: dict) -> dict[str, str]:
+def _env(config: Json) -> dict[str, str]:
     return dict(e.split("=", 1) for e in config["config"].get("Env", []))
 
 
-def _chroot(root: Path, config: dict, *cmd: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
+def _chroot(root: Path, config: Json, *cmd: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
     userspec = [f"--userspec={user}"] if user else []
     return subprocess.run(["chroot", *userspec, str(root), *cmd], capture_output=True, text=True, timeout=120,
                           env={**_env(config), "HOME": "/tmp"})
 
 
-def test_tag_entrypoint_and_user(archive: tuple[dict, dict]) -> None:
+def test_tag_entrypoint_and_user(archive: tuple[Json, Json]) -> None:
     entry, config = archive
     # the chart's defaults: image.repository ghcr.io/csi-flashcopy/csi-flashcopy, image.tag = appVersion
     assert entry["RepoTags"] == [REFERENCE]
@@ -140,7 +144,7 @@ def test_tag_entrypoint_and_user(archive: tuple[dict, dict]) -> None:
     assert config["os"] == "linux" and config["architecture"] == "amd64"
 
 
-def test_rootfs_has_the_host_tools_and_they_load(rootfs: Path, archive: tuple[dict, dict]) -> None:
+def test_rootfs_has_the_host_tools_and_they_load(rootfs: Path, archive: tuple[Json, Json]) -> None:
     _, config = archive
     for tool in HOST_TOOLS:
         r = _chroot(rootfs, config, "sh", "-c", f"command -v {tool}")
@@ -156,7 +160,20 @@ def test_rootfs_has_the_host_tools_and_they_load(rootfs: Path, archive: tuple[di
         assert r.returncode == 0, f"{cmd}: {r.stdout}{r.stderr}"
 
 
-def test_mkfs_in_the_image_makes_filesystems(rootfs: Path, archive: tuple[dict, dict]) -> None:
+def test_doctor_finds_every_tool_in_the_image(rootfs: Path, archive: tuple[Json, Json]) -> None:
+    """`csi-flashcopy doctor`'s tool checks, run by the image's own driver on the image's PATH: all ok."""
+    _, config = archive
+    code = ("import json; from csi_driver.datapath import doctor; "
+            "print(json.dumps({c.check: c.status for c in doctor.check_tools()}))")
+    r = _chroot(rootfs, config, "python3", "-c", code)
+    if "No module named 'csi_driver.datapath.doctor'" in r.stderr:
+        pytest.skip("dist/image.tar predates csi-flashcopy doctor: make image")
+    assert r.returncode == 0, r.stderr
+    statuses = json.loads(r.stdout)
+    assert statuses and set(statuses.values()) == {doctor.OK}, statuses
+
+
+def test_mkfs_in_the_image_makes_filesystems(rootfs: Path, archive: tuple[Json, Json]) -> None:
     """mkfs.xfs without libicu and mkfs.ext4 really format (a sparse file inside the root filesystem)."""
     _, config = archive
     for fs, cmd in (("xfs", ["mkfs.xfs", "-q", "-f"]), ("ext4", ["mkfs.ext4", "-q", "-F"])):
@@ -170,7 +187,7 @@ def test_mkfs_in_the_image_makes_filesystems(rootfs: Path, archive: tuple[dict, 
         img.unlink()
 
 
-def test_cli_runs_as_the_controller_user(rootfs: Path, archive: tuple[dict, dict]) -> None:
+def test_cli_runs_as_the_controller_user(rootfs: Path, archive: tuple[Json, Json]) -> None:
     _, config = archive
     r = _chroot(rootfs, config, *config["config"]["Entrypoint"], "--version", user="10001:10001")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -182,7 +199,7 @@ def test_cli_runs_as_the_controller_user(rootfs: Path, archive: tuple[dict, dict
     assert "uid=10001(csi)" in r.stdout, r.stdout
 
 
-def test_fuse_loop_extension_and_driver_imports(rootfs: Path, archive: tuple[dict, dict]) -> None:
+def test_fuse_loop_extension_and_driver_imports(rootfs: Path, archive: tuple[Json, Json]) -> None:
     _, config = archive
     code = ("import csi_driver.datapath._fuseloop as f, csi_driver.cli, kubernetes.client, grpc, cryptography; "
             "print(f.__file__)")
