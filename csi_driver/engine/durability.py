@@ -12,6 +12,10 @@ I5 (ordering)   data another node's view depends on is never overwritten on disk
 I6 (atomic)     each metadata change is one transaction: every row, link and bitmap a change touched is
                 recorded in ``_ch`` / ``_bits_dirty`` and `_commit` hands them to `Store.commit` at once.
 
+Held writes and undurable bits live in memory until the commit; the host writes that depend on them are also
+in the held-write journal (journal.py, J1-J4), which `_commit` empties once they are in the files, so a new engine
+process finds every write an old one acknowledged.
+
 Out of space: the first metadata commit that finds the filesystem full gives up the METADATA_RESERVE file and
 retries; from then on copies leave that much space free (`_check_copy_space`) so that state changes (a mapping
 going stopped) still commit, and the reserve is taken back once space returns (`_periodic_commit`).
@@ -30,6 +34,7 @@ from csi_driver.engine import errors
 from csi_driver.engine.bitmap import Bitmap
 from csi_driver.engine.bypass import BypassGrants
 from csi_driver.engine.fileio import FileNoSpace
+from csi_driver.engine.journal import JOURNAL_LIMIT
 from csi_driver.engine.model import GRAIN_SIZES
 from csi_driver.engine.state import Group, Map, Vol
 from csi_driver.engine.store import Changes, dump_attrs
@@ -170,6 +175,7 @@ class Durability(BypassGrants):
             v.pending.clear()
             self._host_dirty.add(v)
         self._pending_bytes = 0
+        self._journal.reset()  # J2: every held write is in its file now, every bit it needed durable
         self._last_commit = time.monotonic()
         if self._bypass_stale:
             self._bypass_regrant()  # new durable bits may widen grants (B3)
@@ -177,8 +183,9 @@ class Durability(BypassGrants):
             st.committed(time.perf_counter() - t0)
 
     def _maybe_commit(self) -> None:
-        """Commit when the held writes reach PENDING_LIMIT (I5 holds them in memory until then)."""
-        if self._pending_bytes >= PENDING_LIMIT:
+        """Commit when the held writes reach PENDING_LIMIT (I5 holds them in memory until then), or their
+        journal JOURNAL_LIMIT (rewrites of held grains grow it, not the held bytes)."""
+        if self._pending_bytes >= PENDING_LIMIT or self._journal.size >= JOURNAL_LIMIT:
             self._commit()
 
     def _periodic_commit(self) -> None:

@@ -19,6 +19,10 @@ I4 (durable)    a bit is committed only after the grain data it vouches for is o
 I5 (ordering)   data another node's view depends on is never overwritten on disk while the bit that takes the
                 dependency away is undurable: such writes wait in ``pending`` until the next commit.
 I6 (atomic)     each metadata change is one SQLite transaction; a crash leaves the state before or after it.
+J1-J4 (journal) a host write acknowledged while its effect lives only in memory (held, or in a grain owned by an
+                undurable bit) is in the held-write journal until the commit that makes it durable; a new engine
+                of the same boot replays it before serving (journal.py), so a process death loses no
+                acknowledged write.
 
 Layout
 ------
@@ -55,6 +59,7 @@ from csi_driver.engine.copier import pump, run_copier
 from csi_driver.engine.fileio import FileIO
 from csi_driver.engine.groups import Groups
 from csi_driver.engine.jobs import Jobs
+from csi_driver.engine.journal import Journal, Record
 from csi_driver.engine.state import Vol
 from csi_driver.engine.store import Changes, Store
 
@@ -103,6 +108,7 @@ class Engine(Groups, Jobs):
             os.close(self._lockfd)
             raise errors.EngineLocked(f"state dir {self.state_dir} is held by another process") from e
         _raise_fd_limit()
+        self._journal = Journal(self._io, self.state_dir)
         try:
             datafiles.check_db(os.path.join(self.state_dir, "meta.db"), self.data_dir)
             try:
@@ -112,9 +118,13 @@ class Engine(Groups, Jobs):
                 if not self._release_free_reserve():
                     raise
                 self._store = Store(os.path.join(self.state_dir, "meta.db"))
+            held = self._journal.open()
+            self._journal.replaying = bool(held)  # J3: no commit empties it before the replay is done
             self._load()
+            self._replay(held)
             self._ensure_reserve()
         except BaseException:
+            self._journal.close()
             os.close(self._lockfd)
             raise
         self._copier: threading.Thread | None = None
@@ -138,6 +148,8 @@ class Engine(Groups, Jobs):
         self._store.clear_intents(datafiles.sort_orphans(self.state_dir, self.data_dir, known, intents))
         for v in self._vols.values():
             self._check_data_file(v)
+        # an earlier process may have died with acknowledged writes in the page cache: the next flush syncs them
+        self._host_dirty.update(self._vols.values())
         if self._ch:
             self._commit()
 
@@ -158,6 +170,31 @@ class Engine(Groups, Jobs):
         if self._io.size(fd) > v.size:
             log.warning("volume %s: data file longer than the volume (an uncommitted resize): cut back", v.id)
             self._io.truncate(fd, v.size)
+
+    def _replay(self, held: list[Record]) -> None:
+        """J3: apply the host writes an earlier engine of this boot acknowledged but had not made durable, in
+        order, through the normal write path; commit; then drop them. An error here fails the open: a start
+        that hid it would hide a loss."""
+        if not held:
+            return
+        applied = 0
+        for r in held:
+            v = self._vols.get(r.volume_id)
+            if v is None or v.deleted or v.offline or r.offset + r.length > v.size:
+                # gone or changed since (a delete, offline or shrink commits, emptying the journal first): only a
+                # record the commit of that change raced can be here, and the change supersedes it
+                log.warning("journal: skipped a %s of %s at %d+%d (volume gone or changed)", r.kind.decode(),
+                            r.volume_id, r.offset, r.length)
+                continue
+            if r.kind == b"W":
+                self.write(r.volume_id, r.offset, r.data)
+            else:
+                self.discard(r.volume_id, r.offset, r.length)
+            applied += 1
+        self._commit()
+        self._journal.replayed()
+        log.warning("journal: replayed %d acknowledged host writes an earlier engine process left in memory",
+                    applied)
 
     # ------------------------------------------------------------------ host I/O
 
@@ -193,13 +230,14 @@ class Engine(Groups, Jobs):
                 if all(self._can_write_in_place(v, g) for g in range(first, last + 1)):
                     self._io.pwrite(self._fd(v), data, offset)  # the common case: one syscall
                     self._host_dirty.add(v)
-                    return
-                pos = 0
-                for g in range(first, last + 1):
-                    goff = offset + pos - g * grain
-                    n = min(grain - goff, len(data) - pos)
-                    self._write_grain(v, g, goff, data[pos:pos + n])
-                    pos += n
+                else:
+                    pos = 0
+                    for g in range(first, last + 1):
+                        goff = offset + pos - g * grain
+                        n = min(grain - goff, len(data) - pos)
+                        self._write_grain(v, g, goff, data[pos:pos + n])
+                        pos += n
+                self._record_held(v, first, last, b"W", offset, data)  # J1: before it is acknowledged
             except errors.NoSpace as e:
                 raise errors.NoSpace(f"no space left writing volume {volume_id}: {e}") from e
             self._maybe_commit()
@@ -223,7 +261,36 @@ class Engine(Groups, Jobs):
                 else:
                     self._write_grain(v, g, goff, bytes(stop - pos))
                 pos = stop
+            if length:
+                self._record_held(v, offset // grain, (end - 1) // grain, b"D", offset, length=length)  # J1
             self._maybe_commit()
+
+    def _record_held(self, v: Vol, first: int, last: int, kind: bytes, offset: int,
+                     data: memoryview | bytes = b"", length: int | None = None) -> None:
+        """J1: journal a host write (or discard) just applied to grains first..last of v unless it is all in
+        v's file already. With no room for the record, commit instead: the write is then in the file."""
+        if self._in_files(v, first, last):
+            return
+        try:
+            self._journal.append(kind, v.id, offset, data, length)
+        except errors.NoSpace:
+            self._commit()  # held writes land in their files (space they already own), bits go durable
+            if not self._in_files(v, first, last):
+                raise
+
+    def _in_files(self, v: Vol, first: int, last: int) -> bool:
+        """Is what a host write just did to grains first..last all in v's file, with every bit that makes it
+        v's view committed (then it needs no journal record, J1)? Not for a held image (I5), a grain v owns by
+        an undurable bit, or one an incremental mapping has not recorded durably."""
+        if v.upstream is None and not v.pending and not v.trackers:
+            return True  # a volume that is no copy, with nothing held: the common case
+        for g in range(first, last + 1):
+            if g in v.pending or not v.owns_durably(g):
+                return False
+            for m in v.trackers:
+                if m.diff is not None and not m.diff.durable(g):
+                    return False
+        return True
 
     def flush(self, volume_id: str | None = None) -> None:
         """Everything written before the call (to that volume, or to any) survives a crash once it returns."""
@@ -370,6 +437,7 @@ class Engine(Groups, Jobs):
                 if v.fd >= 0:
                     self._io.close(v.fd)
                     v.fd = -1
+            self._journal.close()
             self._store.close()
             os.close(self._lockfd)
         if failed is not None:
@@ -390,6 +458,7 @@ class Engine(Groups, Jobs):
                 if v.fd >= 0:
                     os.close(v.fd)
                     v.fd = -1
+            self._journal.close()
             self._store.close()
             os.close(self._lockfd)
 

@@ -95,6 +95,8 @@ class FileIO:
     def __init__(self) -> None:
         #: fd -> (low, high, bytes) of large writes since writeback was last started
         self._streamed: dict[int, tuple[int, int, int]] = {}
+        #: the kernel's id of this boot: the held-write journal is replayed only within one boot (journal.J4)
+        self.boot_id = read_boot_id()
 
     @_engine_errors
     def open(self, path: str, *, create: bool = False) -> int:
@@ -121,14 +123,16 @@ class FileIO:
         return data
 
     @_engine_errors
-    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    def pwrite(self, fd: int, data: bytes | bytearray | memoryview, offset: int, *, stream: bool = True) -> None:
+        """All of data at offset. stream=False: never start writeback (a scratch file whose pages should be
+        dropped before they ever reach the disk, the held-write journal)."""
         view = memoryview(data)
         start, length = offset, len(view)
         while view:
             n = os.pwrite(fd, view, offset)
             view = view[n:]
             offset += n
-        if length >= STREAM_WRITE and _sync_file_range is not None:
+        if stream and length >= STREAM_WRITE and _sync_file_range is not None:
             self._start_writeback(fd, start, length)
 
     def _start_writeback(self, fd: int, offset: int, length: int) -> None:
@@ -226,3 +230,12 @@ class FileIO:
 
     def allocated(self, fd: int) -> int:
         return os.fstat(fd).st_blocks * 512
+
+
+def read_boot_id() -> str:
+    """The kernel's id of this boot ('' where it cannot be read: then no journal is ever replayed)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""

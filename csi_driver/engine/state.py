@@ -19,6 +19,7 @@ from typing import Any
 from csi_driver.engine import errors
 from csi_driver.engine.bitmap import Bitmap
 from csi_driver.engine.fileio import FileIO
+from csi_driver.engine.journal import Journal
 from csi_driver.engine.model import (
     DEFAULT_CLEAN_RATE,
     DEFAULT_COPY_RATE,
@@ -149,8 +150,11 @@ class EngineState:
     _ch: Changes
     #: files with copied/filled grains whose bits are undurable (I4)
     _copy_dirty: set[Vol]
-    #: files with host writes not yet fdatasync'ed
+    #: files with host writes not yet fdatasync'ed (every file, after an open: an earlier process may have left
+    #: acknowledged writes in the page cache that the next flush must sync)
     _host_dirty: set[Vol]
+    #: host writes acknowledged while their effect lives only in memory (journal.J1-J4)
+    _journal: Journal
     _bits_dirty: dict[str, tuple[Bitmap, Vol | Map]]
     _pending_bytes: int
     _last_commit: float
