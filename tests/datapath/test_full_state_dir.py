@@ -11,24 +11,12 @@ import pytest
 
 from tests.datapath.conftest import leftovers, needs_kernel
 from tests.datapath.test_engine_process import EngineProc
+from tests.diskfull import fill_to_last_byte
 from tests.waiting import wait_for
 
 pytestmark = needs_kernel
 
 MiB = 1 << 20
-
-
-def _fill(path: Path) -> None:
-    fd = os.open(path / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        n = MiB
-        while n:
-            try:
-                os.write(fd, b"\xee" * n)
-            except OSError:
-                n //= 2
-    finally:
-        os.close(fd)
 
 
 def _keepers(state: Path) -> list[int]:
@@ -68,7 +56,7 @@ def test_engine_on_a_full_state_dir_logs_starts_frees_and_stops_clean(workdir: s
         log = tiny / "engine.log"
         with open(log, "ab") as f:  # no slack left in the log's last page either
             f.write(b"-" * (-log.stat().st_size % 4096 - 1) + b"\n" if log.stat().st_size % 4096 else b"")
-        _fill(tiny)
+        fill_to_last_byte(tiny)
         e.stop()  # its exit code may say the final flush failed: what it leaves behind is what matters
         wait_for(lambda: not _keepers(e.state), timeout=20, what="the FUSE keeper to go")
         assert [x for x in leftovers(str(tiny)) if "(tmpfs)" not in x] == []  # the export is unmounted

@@ -17,6 +17,7 @@ import pytest
 from csi_driver.datapath import DataPath, privileged
 from csi_driver.engine import Engine, errors
 from tests.datapath.conftest import needs_kernel
+from tests.diskfull import fill_to_last_byte
 
 pytestmark = needs_kernel
 
@@ -97,14 +98,7 @@ def test_unpublish_and_unstage_work_on_a_full_state_dir(workdir):
             staging, target = f"{workdir}/st", f"{workdir}/pod"
             dp.stage(v.id, staging, block=True)
             dp.publish(v.id, staging, target, block=True)
-            fd = os.open(os.path.join(tiny, "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
-            n = 1 << 20
-            while n:
-                try:
-                    os.write(fd, b"\xee" * n)
-                except OSError:
-                    n //= 2
-            os.close(fd)
+            fill_to_last_byte(tiny)
             dp.unpublish(v.id, target)
             dp.unstage(v.id, staging)
             assert _on_disk(state) == {}

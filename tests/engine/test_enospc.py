@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from csi_driver.engine import CopyItem, Engine, MappingState, errors
+from tests.diskfull import fill_to_last_byte
 
 MiB = 1024 * 1024
 
@@ -114,16 +115,7 @@ def fill_all(path, *, keep_reserves: bool = False) -> None:
         p = os.path.join(path, "state", name)
         if os.path.exists(p):
             os.truncate(p, 0)
-    fd = os.open(os.path.join(path, "filler"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        n = 1 << 20
-        while n:
-            try:
-                os.write(fd, b"\xee" * n)
-            except OSError:
-                n //= 2
-    finally:
-        os.close(fd)
+    fill_to_last_byte(path)
 
 
 def _snapshot_state(tiny_fs) -> tuple[str, str]:
