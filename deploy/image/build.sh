@@ -4,12 +4,14 @@
 # `docker load` and `podman load` take it), tagged ghcr.io/csi-flashcopy/csi-flashcopy:<the chart's appVersion>.
 #   1. the base, once: a Debian bookworm rootfs made by debootstrap (minbase + python3, i.e. CPython 3.11, the ABI
 #      of the wheel) from Debian's mirror, trimmed like the Docker "slim" images (no docs, man pages, locales, apt
-#      lists) and committed to buildah's storage as $BASE_IMAGE; kept there for the next builds (BASE_REFRESH=1
-#      makes it again, e.g. for Debian's security updates)
-#   2. buildah bud on the Dockerfile with PYTHON_IMAGE=$BASE_IMAGE (--layers: an unchanged step is not run again)
+#      lists) and committed as $BASE_IMAGE to buildah storage of our own ($IMAGE_CACHE/containers); kept there for
+#      the next builds (BASE_REFRESH=1 makes it again, e.g. for Debian's security updates)
+#   2. buildah bud on the Dockerfile with PYTHON_IMAGE=$BASE_IMAGE (--layers: an unchanged step is not run again);
+#      the build stage is tagged too, so that pruning the layers of older builds keeps this build's cache
 #   3. buildah push to dist/image.tar, then the reference and the sizes are printed
 # Needs root and buildah + debootstrap (.ci/setup.d/50-image-tools.sh installs them).
-# Knobs: IMAGE (the reference), BASE_IMAGE, DEBIAN_MIRROR, IMAGE_CACHE (debootstrap's .deb cache), BASE_REFRESH=1,
+# Knobs: IMAGE (the reference), BASE_IMAGE, DEBIAN_MIRROR, IMAGE_CACHE (debootstrap's .deb cache, buildah's storage:
+#        rm -rf it for a cold build), IMAGE_STORE, BASE_REFRESH=1,
 #        OUT (default dist/image.tar).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -24,15 +26,19 @@ BASE_IMAGE=${BASE_IMAGE:-localhost/csi-flashcopy-base:bookworm}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 IMAGE_CACHE=${IMAGE_CACHE:-/var/cache/csi-flashcopy-image}
 OUT=${OUT:-dist/image.tar}
+# buildah's storage of its own (the base, the layer cache): never the machine's podman/buildah images, so that
+# pruning the old layers below touches nothing else
+STORE=${IMAGE_STORE:-$IMAGE_CACHE/containers}
+bh() { buildah --root "$STORE" --runroot /run/csi-flashcopy-image "$@"; }
 start=$(date +%s)
 
-if [ "${BASE_REFRESH:-0}" = 1 ] || ! buildah inspect --type image "$BASE_IMAGE" >/dev/null 2>&1; then
+if [ "${BASE_REFRESH:-0}" = 1 ] || ! bh inspect --type image "$BASE_IMAGE" >/dev/null 2>&1; then
   echo "make image: base $BASE_IMAGE: debootstrap bookworm (minbase + python3) from $DEBIAN_MIRROR"
   mkdir -p "$IMAGE_CACHE/debs"
   root=$(mktemp -d /var/tmp/csi-flashcopy-base.XXXXXX)
   ctr=""
   cleanup() {
-    [ -z "$ctr" ] || buildah rm "$ctr" >/dev/null 2>&1 || true
+    [ -z "$ctr" ] || bh rm "$ctr" >/dev/null 2>&1 || true
     rm -rf --one-file-system "$root"
   }
   trap cleanup EXIT
@@ -66,12 +72,12 @@ EOF
     "$root"/var/cache/apt/*.bin "$root"/var/cache/apt/archives/*.deb "$root"/var/cache/debconf/*-old \
     "$root"/var/log/* "$root"/tmp/* "$root"/root/.cache
   : > "$root/etc/machine-id"
-  ctr=$(buildah from scratch)
-  tar -C "$root" -cf - . | tar -C "$(buildah mount "$ctr")" -xpf -
-  buildah umount "$ctr" >/dev/null
-  buildah config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin --cmd /bin/bash \
+  ctr=$(bh from scratch)
+  tar -C "$root" -cf - . | tar -C "$(bh mount "$ctr")" -xpf -
+  bh umount "$ctr" >/dev/null
+  bh config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin --cmd /bin/bash \
     --label org.opencontainers.image.description="Debian bookworm minbase + python3 (debootstrap)" "$ctr"
-  buildah commit --quiet --rm "$ctr" "$BASE_IMAGE" >/dev/null
+  bh commit --quiet --rm "$ctr" "$BASE_IMAGE" >/dev/null
   ctr=""
   cleanup
   trap - EXIT
@@ -84,15 +90,23 @@ ca_args=()
 [ ! -f "$ca" ] || ca_args=(--volume "$ca:/run/csi-flashcopy-build-ca.crt:ro" --build-arg PIP_CA_BUNDLE=/run/csi-flashcopy-build-ca.crt)
 mkdir -p "$(dirname "$OUT")"
 log=$(dirname "$OUT")/image-build.log
-buildah bud --layers --force-rm --isolation chroot --network host --pull-never "${ca_args[@]}" \
+bh bud --layers --force-rm --isolation chroot --network host --pull-never "${ca_args[@]}" \
   --build-arg PYTHON_IMAGE="$BASE_IMAGE" -t "$IMAGE" . > "$log" 2>&1 || { tail -30 "$log" >&2; exit 1; }
 grep '^prune: ' "$log" || true
+# the build stage by name (all its steps are cached now), then the images of older builds, which nothing names any
+# more, go: a layer is removed once no image uses it (a few passes: a removed image can leave its parent unnamed)
+bh bud --quiet --layers --force-rm --isolation chroot --network host --pull-never "${ca_args[@]}" \
+  --build-arg PYTHON_IMAGE="$BASE_IMAGE" --target build -t localhost/csi-flashcopy-build:cache . >> "$log" 2>&1
+for _ in 1 2 3 4 5 6; do
+  [ -n "$(bh images --quiet --filter dangling=true)" ] || break
+  bh rmi --prune >> "$log" 2>&1 || break
+done
 rm -f "$OUT"
-buildah push --quiet "$IMAGE" "docker-archive:$OUT:$IMAGE" >/dev/null
+bh push --quiet "$IMAGE" "docker-archive:$OUT:$IMAGE" >/dev/null
 # the root filesystem as a container sees it (uncompressed)
-ctr=$(buildah from --pull-never "$IMAGE")
-rootfs=$(du -sx --block-size=1 "$(buildah mount "$ctr")" | cut -f1)
-buildah rm "$ctr" >/dev/null
+ctr=$(bh from --pull-never "$IMAGE")
+rootfs=$(du -sx --block-size=1 "$(bh mount "$ctr")" | cut -f1)
+bh rm "$ctr" >/dev/null
 tarsize=$(stat -c %s "$OUT")
 echo "image: $IMAGE"
 echo "file:  $OUT $(( tarsize / 1000000 )) MB (docker-archive, uncompressed layers)"
