@@ -23,6 +23,7 @@ LABELS = {"app.kubernetes.io/name": "csi-flashcopy", "app.kubernetes.io/componen
 SELECTOR = ",".join(f"{k}={v}" for k, v in LABELS.items())
 ADDRESS = "flashcopy.csi.dev/engine-address"
 DEFAULT_DURATION = 15  # seconds a Lease stays valid unrenewed
+STOP_TIMEOUT = 5.0  # the longest a stopping engine waits on the API server for its Lease
 
 
 def _now_micro() -> str:
@@ -93,16 +94,36 @@ class LeaseKeeper:
                 continue
             self._stop.wait(interval)
 
-    def stop(self, *, delete: bool = True) -> None:
+    def stop(self, *, delete: bool = True, timeout: float = STOP_TIMEOUT) -> bool:
+        """Stop renewing; delete the Lease (controllers see the node down at once) unless told not to. Never
+        waits on the API server longer than `timeout` in all: a shutdown must go on to unmount its exports when
+        the API server is away (the Lease then expires by itself). True when the Lease was deleted."""
+        deadline = time.monotonic() + timeout
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=5)
-        if delete:
+            self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        if not delete:
+            return False
+        done = threading.Event()
+        failed: list[str] = []
+
+        def delete_lease() -> None:
             try:
-                self._api.delete_namespaced_lease(self.node, self.namespace)
+                left = max(0.5, deadline - time.monotonic())
+                self._api.delete_namespaced_lease(self.node, self.namespace, _request_timeout=(left, left))
             except Exception as e:
-                log.warning("cannot delete the engine Lease (it expires by itself)",
-                            extra={"fields": {"error": str(e)[:300]}})
+                failed.append(str(e)[:300])
+            finally:
+                done.set()
+
+        # a thread of its own: a request timeout bounds each try, not the client's retries of a dead connection
+        threading.Thread(target=delete_lease, name="lease-delete", daemon=True).start()
+        if not done.wait(max(0.0, deadline - time.monotonic())) or failed:
+            log.warning("cannot delete the engine Lease (it expires by itself)", extra={"fields": {
+                "lease": f"{self.namespace}/{self.node}",
+                "error": failed[0] if failed else f"no answer from the API server within {timeout:g} s"}})
+            return False
+        return True
 
 
 @dataclass(frozen=True)
