@@ -178,6 +178,9 @@ class DataPath:
         self._records = _Records(os.path.join(self.state_dir, "staging.json"))
         _hold(self._records.reserve, RECORDS_RESERVE)
         self._lock = threading.RLock()  # records and per-volume work; node RPCs are rare and short
+        #: volume id -> snapshots quiescing it now (frozen outside the lock); `_thawed` is notified as each ends
+        self._quiescing: dict[str, int] = {}
+        self._thawed = threading.Condition(self._lock)
         self.last_freeze_window = 0.0
         #: every freeze window ("freeze": first FIFREEZE to last thaw, when a filesystem was frozen)
         self.freeze_timings = Timings(FREEZE_BUCKETS, ("freeze",))
@@ -427,10 +430,22 @@ class DataPath:
 
     # ------------------------------------------------------------------ unstage
 
+    def _settle(self, volume_id: str) -> None:
+        """Wait (lock held, released while waiting) until no snapshot holds volume_id frozen: an unmount or
+        a grow of a frozen filesystem fails ("target is busy") or blocks. A freeze ends by itself within
+        FREEZE_MAX_SECONDS; past a margin on that the caller gets Timeout and its retry comes later."""
+        deadline = time.monotonic() + FREEZE_MAX_SECONDS + 5.0
+        while self._quiescing.get(volume_id):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise errors.Timeout(f"volume {volume_id} is still held frozen by a snapshot: try again")
+            self._thawed.wait(left)
+
     def unstage(self, volume_id: str, staging_path: str) -> None:
         """Undo stage (and any publish left behind); fine if nothing is staged."""
         staging_path = os.path.abspath(staging_path)
         with self._lock:
+            self._settle(volume_id)
             rec = self._records.items.get(volume_id)
             if rec is None:
                 # no record (never staged, or a crash before it was saved): unmount only what is ours
@@ -542,6 +557,7 @@ class DataPath:
     def unpublish(self, volume_id: str, target_path: str) -> None:
         target_path = os.path.abspath(target_path)
         with self._lock:
+            self._settle(volume_id)
             rec = self._records.items.get(volume_id)
             recorded = rec is not None and target_path in rec.publishes
             # unrecorded: a crash between mount and record, or a path that was never ours (leave it alone)
@@ -640,6 +656,7 @@ class DataPath:
     def expand(self, volume_id: str, volume_path: str, required_bytes: int) -> int:
         """Grow the volume if needed, refresh the loop capacity, then grow the filesystem online."""
         with self._lock:
+            self._settle(volume_id)
             rec = self._rec_for_path(volume_id, volume_path)
             vol = self.engine.get_volume(volume_id)
             if required_bytes > vol.size:
@@ -669,6 +686,21 @@ class DataPath:
     def _quiesce(self, source_ids: list[str]) -> Iterator[None]:
         with self._lock:
             recs = [self._records.items[s] for s in source_ids if s in self._records.items]
+            for s in source_ids:  # unstage/unpublish/expand of these wait for the thaw (`_settle`)
+                self._quiescing[s] = self._quiescing.get(s, 0) + 1
+        try:
+            with self._frozen(recs):
+                yield
+        finally:
+            with self._lock:
+                for s in source_ids:
+                    n = self._quiescing.pop(s, 1) - 1
+                    if n:
+                        self._quiescing[s] = n
+                self._thawed.notify_all()
+
+    @contextlib.contextmanager
+    def _frozen(self, recs: list[StageRecord]) -> Iterator[None]:
         recs = [r for r in recs if self._dead_loop(r) is None]  # nothing to freeze or flush on a dead device
         mps = [r.staging_path for r in recs
                if not r.block and not r.read_only and privileged.is_mountpoint(r.staging_path)]
